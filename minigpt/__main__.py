@@ -1,0 +1,132 @@
+"""Command line: ``python -m minigpt {course,train,generate,compare,bench,student-notebooks,grade,sync-notebooks}``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_course(args: argparse.Namespace) -> int:
+    """Execute the chapters in order (fresh kernels) and save the executed copies in ``--out``."""
+    from minigpt.notebooks import chapter_paths, execute_notebook, write_notebook_atomic
+
+    paths = [p for p in chapter_paths() if not args.chapters or p.name[:2] in args.chapters]
+    if not paths:
+        print("no chapter notebooks found", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter()
+    for path in paths:
+        start = time.perf_counter()
+        print(f"{path.name} ...", flush=True)
+        nb = execute_notebook(path, smoke=args.smoke, timeout=args.timeout)
+        write_notebook_atomic(nb, out / path.name)
+        print(f"{path.name} done in {time.perf_counter() - start:.0f} s -> {out / path.name}", flush=True)
+    print(f"{len(paths)} chapters in {time.perf_counter() - total:.0f} s")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Pretrain the tiny GPT on Shakespeare and report losses per token and per character."""
+    from dataclasses import replace
+
+    from minigpt.pretrained import SMOKE, TINY, pretrain, shakespeare_split
+    from minigpt.tokenizer import get_compact_vocab
+    from minigpt.train import nats_per_character
+
+    recipe = SMOKE if args.smoke else TINY
+    if args.steps is not None:
+        recipe = replace(recipe, steps=args.steps)
+    model, history = pretrain(recipe, checkpoint=args.out, device=args.device)
+    _, val_ids = shakespeare_split()
+    model.to("cpu")
+    result = nats_per_character(model, val_ids, get_compact_vocab().decode)
+    print(f"recipe {recipe.name}: {history.seconds:.0f} s, {history.tokens / history.seconds:,.0f} tokens/s")
+    print(f"validation: {result['nats_per_token']:.3f} nats/token, {result['nats_per_char']:.3f} nats/char "
+          f"({result['bits_per_char']:.3f} bits/char) over {result['chars']:,} characters")
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample text from a checkpoint (default: the course's pretrained tiny model)."""
+    from minigpt.generate import generate_text
+    from minigpt.pretrained import get_pretrained
+    from minigpt.tokenizer import get_compact_vocab
+    from minigpt.train import load_model
+
+    model = load_model(args.checkpoint) if args.checkpoint else get_pretrained(smoke=args.smoke)
+    vocab = get_compact_vocab()
+    print(args.prompt + generate_text(model, args.prompt, vocab.encode, vocab.decode, args.max_new_tokens,
+                                      args.temperature, args.top_k, vocab.eot_id, args.seed))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Rewrite notebook cells that copy package code (``# minigpt-source:``) from the package."""
+    from minigpt.notebooks import chapter_paths, sync_notebook
+
+    for path in chapter_paths():
+        changed = sync_notebook(path)
+        if changed:
+            print(f"{path.name}: {changed} cell(s) rewritten")
+    return 0
+
+
+def delegate(module: str, function: str):
+    """Subcommands implemented in their own modules take the remaining arguments."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"minigpt.{module}"), function)(args.rest)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minigpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("course", help=cmd_course.__doc__)
+    p.add_argument("--out", default="runs/course", help="folder for the executed notebooks")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (seconds per chapter)")
+    p.add_argument("--chapters", nargs="*", help="chapter numbers to run, e.g. 01 05 (default: all)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.set_defaults(run=cmd_course)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("--out", default="runs/tiny.safetensors", help="checkpoint path")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    p.add_argument("--smoke", action="store_true")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--prompt", default="ROMEO:\n")
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--smoke", action="store_true")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("sync-notebooks", help=cmd_sync.__doc__)
+    p.set_defaults(run=cmd_sync)
+
+    for name, module, function, text in (
+            ("compare", "compare", "main", "head-to-head table of the fine-tuning methods"),
+            ("bench", "bench", "main", "speed and memory benchmarks against peft"),
+            ("student-notebooks", "classroom", "student_notebooks_main", "write student versions of the chapters"),
+            ("grade", "classroom", "grade_main", "grade a student's notebook")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(run=delegate(module, function))
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Chapter checks: one copy, used both by the test suite and by the classroom grader.
+
+Each ``minigpt/checks/chNN.py`` registers functions with :func:`check`. A check receives the module
+returned by :func:`minigpt.notebooks.import_notebook` (the notebook's own definitions) and raises
+``AssertionError`` (or any exception) when the notebook's code is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+CHAPTERS = ("01", "02", "03", "04", "05", "06", "07", "08", "09", "10")
+
+
+@dataclass(frozen=True)
+class Check:
+    chapter: str
+    name: str
+    points: int
+    description: str
+    run: Callable[[object], None]
+
+
+_REGISTRY: dict[str, list[Check]] = {}
+
+
+def check(points: int = 1) -> Callable[[Callable[[object], None]], Callable[[object], None]]:
+    """Register a chapter check; the chapter is taken from the module name (``minigpt.checks.ch06``)."""
+    if points <= 0:
+        raise ValueError(f"points must be a positive integer, got {points!r}")
+
+    def register(fn: Callable[[object], None]) -> Callable[[object], None]:
+        chapter = fn.__module__.rsplit(".", 1)[-1].removeprefix("ch")
+        doc = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+        _REGISTRY.setdefault(chapter, []).append(Check(chapter, fn.__name__, points, doc, fn))
+        return fn
+
+    return register
+
+
+def checks_for(chapter: str | int) -> list[Check]:
+    """The checks of one chapter (``"06"`` or ``6``), in the order they are defined."""
+    chapter = f"{int(chapter):02d}"
+    if chapter not in CHAPTERS:
+        raise ValueError(f"chapter must be one of {', '.join(CHAPTERS)}, got {chapter!r}")
+    try:
+        importlib.import_module(f"minigpt.checks.ch{chapter}")
+    except ModuleNotFoundError as err:
+        if err.name != f"minigpt.checks.ch{chapter}":
+            raise
+        return []
+    return list(_REGISTRY.get(chapter, []))

@@ -1,0 +1,67 @@
+"""Decoding: greedy, temperature and top-k sampling, stopping at end-of-text.
+
+Temperature divides the logits before the softmax (T < 1 sharpens, T > 1 flattens); top-k keeps only the
+k most likely tokens (Fan et al., 2018). ``temperature=0`` means greedy: always the most likely token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend ``idx`` ``(B, T)`` by up to ``max_new_tokens`` tokens; stop early when every row emitted ``eos_id``.
+
+    Rows that finished keep receiving ``eos_id`` so the batch stays rectangular.
+    """
+    if idx.dim() != 2:
+        raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    vocab_size = model.cfg.vocab_size
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, {vocab_size}] or None, got {top_k}")
+    context = model.cfg.context_length
+    was_training = model.training
+    model.eval()
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context:])[:, -1, :].float()
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+        if eos_id is not None:
+            next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
+            finished |= next_id.squeeze(1) == eos_id
+        idx = torch.cat([idx, next_id], dim=1)
+        if eos_id is not None and finished.all():
+            break
+    model.train(was_training)
+    return idx
+
+
+def generate_text(model: torch.nn.Module, prompt: str, encode, decode, max_new_tokens: int = 100,
+                  temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None,
+                  seed: int | None = None) -> str:
+    """Prompt in, continuation out (without the prompt), using the given ``encode``/``decode`` functions."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([encode(prompt)], dtype=torch.long, device=device)
+    if ids.shape[1] == 0:
+        raise ValueError("prompt must encode to at least one token")
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = generate(model, ids, max_new_tokens, temperature, top_k, eos_id, generator)[0, ids.shape[1]:]
+    tokens = out.tolist()
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id)]
+    return decode(tokens)

@@ -1,0 +1,133 @@
+"""Real GPT-2 weights: load a Hugging Face GPT-2 folder into our ``GPTModel``, and download one.
+
+Hugging Face stores GPT-2's projections as ``Conv1D`` layers whose weight is ``(in, out)``, the transpose
+of ``nn.Linear``'s ``(out, in)``, and fuses query, key and value into one ``c_attn`` of width ``3 * n_embd``.
+:func:`load_gpt2` transposes and splits them; the test suite checks that the logits then equal
+``transformers``' to 1e-5 on a randomly initialised GPT-2 built from a config (nothing downloaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from minigpt.io import atomic_write_bytes
+from minigpt.model import GPTConfig, GPTModel
+
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+GPT2_REPO = "openai-community/gpt2"
+CACHE_DIR = Path.home() / ".cache" / "minigpt" / "gpt2"
+
+
+def config_from_hf(hf_config: dict) -> GPTConfig:
+    """Our ``GPTConfig`` from a Hugging Face GPT-2 ``config.json``, refusing variants we do not implement."""
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json model_type must be 'gpt2', got {hf_config.get('model_type')!r}")
+    activation = hf_config.get("activation_function", "gelu_new")
+    if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
+        raise ValueError(f"activation_function must be GPT-2's tanh GELU ('gelu_new'), got {activation!r}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf_config.get(flag, False):
+            raise ValueError(f"config.json sets {flag}=True, which minigpt's GPT-2 does not implement")
+    n_embd = hf_config.get("n_embd", 768)
+    if hf_config.get("n_inner") not in (None, 4 * n_embd):
+        raise ValueError(f"n_inner must be 4 * n_embd = {4 * n_embd}, got {hf_config['n_inner']}")
+    return GPTConfig(vocab_size=hf_config.get("vocab_size", 50257),
+                     context_length=hf_config.get("n_positions", 1024),
+                     n_layer=hf_config.get("n_layer", 12), n_head=hf_config.get("n_head", 12), n_embd=n_embd,
+                     dropout=0.0, bias=True, tie_weights=hf_config.get("tie_word_embeddings", True),
+                     layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5))
+
+
+def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Rename, transpose (Conv1D -> Linear) and split (c_attn -> query/key/value) a GPT-2 state dict."""
+    hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers, not weights
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ValueError(f"GPT-2 weights are missing {name!r}")
+        return hf.pop(name)
+
+    out = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
+           "ln_f.weight": take("ln_f.weight"), "ln_f.bias": take("ln_f.bias")}
+    for i in range(cfg.n_layer):
+        src, dst = f"h.{i}.", f"blocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[dst + f"{ln}.weight"] = take(src + f"{ln}.weight")
+            out[dst + f"{ln}.bias"] = take(src + f"{ln}.bias")
+        qkv_w = take(src + "attn.c_attn.weight").t()  # (3C, C): rows are q, then k, then v
+        qkv_b = take(src + "attn.c_attn.bias")
+        for part, w, b in zip(("query", "key", "value"), qkv_w.chunk(3, dim=0), qkv_b.chunk(3)):
+            out[dst + f"attn.{part}.weight"] = w.contiguous()
+            out[dst + f"attn.{part}.bias"] = b
+        for ours, theirs in (("attn.out_proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            out[dst + f"{ours}.weight"] = take(src + f"{theirs}.weight").t().contiguous()
+            out[dst + f"{ours}.bias"] = take(src + f"{theirs}.bias")
+    head = hf.pop("lm_head.weight", None)
+    out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_weights or head is None else head
+    if hf:
+        raise ValueError(f"unexpected GPT-2 weights {sorted(hf)[:5]}")
+    return out
+
+
+def load_gpt2(path: Path | str) -> GPTModel:
+    """A ``GPTModel`` from a Hugging Face GPT-2 folder holding ``config.json`` and ``model.safetensors``."""
+    path = Path(path)
+    config_file, weights_file = path / "config.json", path / "model.safetensors"
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: a GPT-2 folder needs config.json and model.safetensors")
+    cfg = config_from_hf(json.loads(config_file.read_text()))
+    model = GPTModel(cfg)
+    state = convert_hf_state_dict(load_file(str(weights_file)), cfg)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights_file}: {name} has shape {tuple(tensor.shape)}, "
+                             f"config.json implies {tuple(expected[name].shape)}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _fetch(url: str, timeout: float) -> tuple[bytes, str | None]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            # For files stored with Git LFS, the Hub sends their SHA-256 in this header.
+            return response.read(), response.headers.get("X-Linked-Etag")
+    except (urllib.error.URLError, OSError) as err:
+        raise ConnectionError(f"could not download {url} ({err}). Real GPT-2 weights need internet; "
+                              "the course runs offline with its own small model.") from err
+
+
+def download_gpt2(dest: Path | str = CACHE_DIR, repo: str = GPT2_REPO, revision: str = "main",
+                  endpoint: str = HF_ENDPOINT, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Download GPT-2's ``config.json`` and ``model.safetensors`` (about 548 MB) into ``dest``.
+
+    The weights' SHA-256 is checked against ``sha256`` when given, else against the one the Hub publishes
+    for the file; a mismatch leaves nothing behind. Already-downloaded files are checked, not fetched again.
+    """
+    dest = Path(dest)
+    weights = dest / "model.safetensors"
+    if weights.is_file() and (dest / "config.json").is_file() and sha256 is None:
+        return dest
+    base = f"{endpoint.rstrip('/')}/{repo}/resolve/{revision}"
+    config, _ = _fetch(f"{base}/config.json", timeout)
+    json.loads(config)  # refuse an HTML error page saved as config.json
+    data, published = _fetch(f"{base}/model.safetensors", timeout)
+    expected = sha256 or (published.strip('"') if published else None)
+    if expected is None:
+        raise ValueError("no SHA-256 to check model.safetensors against: pass sha256=...")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise ValueError(f"model.safetensors has sha256 {digest}, expected {expected}; nothing was written")
+    atomic_write_bytes(dest / "config.json", config)
+    atomic_write_bytes(weights, data)
+    return dest

@@ -1,0 +1,178 @@
+"""A GPT-2 in one readable file (Radford et al., 2019), numerically equal to Hugging Face's ``GPT2LMHeadModel``.
+
+Architecture: token + learned position embeddings -> ``n_layer`` pre-LayerNorm blocks (causal multi-head
+self-attention, then a 4x-wide GELU MLP, each with a residual connection) -> final LayerNorm -> output head,
+tied to the token embedding as in GPT-2 or untied.
+
+Query, key and value are three separate ``nn.Linear`` layers (GPT-2's checkpoint fuses them into one
+``c_attn``; :mod:`minigpt.hf` splits it) so that LoRA can adapt ``query`` and ``value`` alone, as the LoRA
+paper does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigpt.tokenizer import COMPACT_VOCAB_SIZE  # the tiny presets' vocabulary (GPT-2 tokens, compact)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named configuration: ``gpt2-small`` (124M), ``gpt2-medium``, ``tiny`` (CPU), ``micro`` (tests)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+
+
+PRESETS = {
+    "gpt2-small": GPTConfig(),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "tiny": GPTConfig(vocab_size=COMPACT_VOCAB_SIZE, context_length=128, n_layer=4, n_head=4, n_embd=128),
+    "micro": GPTConfig(vocab_size=COMPACT_VOCAB_SIZE, context_length=32, n_layer=2, n_head=2, n_embd=32),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t attends to positions <= t (Vaswani et al., 2017, eq. 1)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, C) -> (B, heads, T, head_dim)
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        # Fused kernel: softmax(q k^T / sqrt(d) + causal mask) v, without materialising the T x T matrix.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: 4x expansion and GELU (tanh approximation, as GPT-2)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTModel(nn.Module):
+    """GPT-2: ``model(idx)`` maps token ids ``(B, T)`` to next-token logits ``(B, T, vocab_size)``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if not isinstance(cfg, GPTConfig):
+            raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
+        # does not grow with depth (Radford et al., 2019, section 2.3).
+        for name, param in self.named_parameters():
+            if name.endswith(("out_proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int, torch.int32):
+            raise ValueError(f"idx must be integer token ids of shape (batch, time), got {tuple(idx.shape)} "
+                             f"{idx.dtype}")
+        B, T = idx.shape
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
+                             f"{int(idx.min())}..{int(idx.max())}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameters counted once even when shared (the tied head adds nothing)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,316 @@
+"""Pretraining and fine-tuning loop: AdamW, warm-up + cosine schedule, clipping, evaluation, checkpoints.
+
+Reproducible on CPU (same seed -> same losses), bf16 autocast on CUDA, MPS only on request (it has given
+silently wrong losses in reported PyTorch cases), a tqdm progress bar, and safetensors checkpoints that
+hold model + optimizer + step and are written atomically, so a run can resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm  # plain text bar: renders in saved notebooks and terminals alike
+
+from minigpt.io import atomic_save_file
+from minigpt.model import GPTConfig, GPTModel
+
+
+def choose_device(requested: str | None = None) -> torch.device:
+    """``cuda`` when available, else ``cpu``; ``mps`` only when asked for explicitly (with a warning)."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested not in {"cpu", "cuda", "mps"} and not requested.startswith("cuda:"):
+        raise ValueError(f"device must be one of 'cpu', 'cuda', 'cuda:N', 'mps', got {requested!r}")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
+    if requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' was requested but torch.backends.mps.is_available() is False")
+        warnings.warn("MPS has produced silently wrong losses in reported PyTorch versions; compare a few "
+                      "steps with device='cpu' before trusting it", stacklevel=2)
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 20
+    seed: int = 123
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.eval_interval <= 0 or self.eval_batches <= 0:
+            raise ValueError("eval_interval and eval_batches must be positive")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay from ``lr`` to ``min_lr`` at the last step."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class History:
+    """What a run measured, ready for plotting: losses in nats per token."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def _autocast(device: torch.device):
+    # bf16 keeps float32's exponent range, so no loss scaling is needed (unlike fp16).
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def loss_fn(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats per token."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, max_batches: int | None = None,
+             device: torch.device | str | None = None) -> float:
+    """Mean loss over the first ``max_batches`` batches of ``loader`` (all of them when None)."""
+    device = torch.device(device) if device else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, (inputs, targets) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with _autocast(device):
+            total += loss_fn(model, inputs.to(device), targets.to(device)).item()
+        count += 1
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation loader yielded no batch")
+    return total / count
+
+
+def _forever(loader: Iterable) -> Iterator:
+    while True:
+        yield from loader
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, LayerNorms and 1-D adapters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable | None, cfg: TrainConfig,
+          checkpoint: Path | str | None = None, resume: bool = False,
+          stop_after: int | None = None) -> History:
+    """Train ``model`` for ``cfg.steps`` steps and return the loss history.
+
+    With ``checkpoint`` the state (model, optimizer, step) is saved there at the end; with ``resume`` a
+    run continues from that file's step, giving the same losses as an uninterrupted run on CPU.
+    ``stop_after`` ends this call after that many steps (the schedule still spans ``cfg.steps``), which
+    is how a long run is split into sessions.
+    """
+    device = choose_device(cfg.device)
+    seed_everything(cfg.seed)
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resume and checkpoint and Path(checkpoint).is_file():
+        start = load_checkpoint(checkpoint, model, optimizer)["step"]
+    history = History()
+    batches = _forever(train_loader)
+    for _ in range(start):  # replay the data order so a resumed run sees the same batches
+        next(batches)
+    t0 = time.perf_counter()
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    bar = tqdm(range(start, end), desc="train", disable=not cfg.progress, initial=start, total=cfg.steps)
+    for step in bar:
+        lr = cfg.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = (t.to(device) for t in next(batches))
+        with _autocast(device):
+            loss = loss_fn(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        history.steps.append(step)
+        history.train_loss.append(loss.item())
+        history.lr.append(lr)
+        history.tokens += inputs.numel()
+        last = step == cfg.steps - 1
+        if val_loader is not None and ((step + 1) % cfg.eval_interval == 0 or last):
+            history.eval_steps.append(step + 1)
+            history.val_loss.append(evaluate(model, val_loader, cfg.eval_batches, device))
+            bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
+    history.seconds = time.perf_counter() - t0
+    if checkpoint:
+        save_checkpoint(checkpoint, model, optimizer, step=end)
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage: a tied head is stored once, as the token embedding.
+    seen, tensors = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen and name.endswith("lm_head.weight"):
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[f"model.{name}"] = tensor.detach().contiguous().cpu()
+    return tensors
+
+
+def save_checkpoint(path: Path | str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    step: int = 0, extra: dict | None = None) -> None:
+    """Save model (+ optimizer state + step) to one safetensors file, atomically."""
+    tensors = _model_tensors(model)
+    meta = {"step": str(step), "format": "minigpt-checkpoint-1", "extra": json.dumps(extra or {})}
+    if isinstance(model, GPTModel):
+        meta["config"] = json.dumps(model.cfg.to_dict())
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for pid, pstate in state["state"].items():
+            for key, value in pstate.items():
+                tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        meta["optim_groups"] = json.dumps(state["param_groups"])
+    atomic_save_file(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+
+
+def read_checkpoint_metadata(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({err})") from err
+    if meta.get("format") != "minigpt-checkpoint-1":
+        raise ValueError(f"{path} is not a minigpt checkpoint (format={meta.get('format')!r})")
+    return meta
+
+
+def load_checkpoint(path: Path | str, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a checkpoint into ``model`` (and ``optimizer``); returns ``{"step", "extra"}``.
+
+    A checkpoint from another configuration is refused with the differing fields named.
+    """
+    meta = read_checkpoint_metadata(path)
+    if isinstance(model, GPTModel) and "config" in meta:
+        saved = json.loads(meta["config"])
+        diff = {k: (v, getattr(model.cfg, k, None)) for k, v in saved.items() if getattr(model.cfg, k, None) != v}
+        if diff:
+            raise ValueError(f"checkpoint {path} was saved from another config; (saved, model) differ in {diff}")
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    if getattr(getattr(model, "cfg", None), "tie_weights", False):
+        state.setdefault("lm_head.weight", state.get("tok_emb.weight"))
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                             f"model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state)
+    if optimizer is not None:
+        if "optim_groups" not in meta:
+            raise ValueError(f"checkpoint {path} holds no optimizer state")
+        opt_state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["optim_groups"])})
+    return {"step": int(meta["step"]), "extra": json.loads(meta.get("extra", "{}"))}
+
+
+def load_model(path: Path | str, device: str | None = None) -> GPTModel:
+    """Rebuild a ``GPTModel`` from a checkpoint's stored config and weights."""
+    meta = read_checkpoint_metadata(path)
+    if "config" not in meta:
+        raise ValueError(f"checkpoint {path} stores no GPTConfig")
+    model = GPTModel(GPTConfig.from_dict(json.loads(meta["config"])))
+    load_checkpoint(path, model)
+    return model.to(device or "cpu")
+
+
+@torch.no_grad()
+def nats_per_character(model: torch.nn.Module, token_ids: np.ndarray, decode, batch_size: int = 32) -> dict:
+    """Total next-token loss over non-overlapping windows of ``token_ids``, per token and per character.
+
+    Per character = total nats / number of characters those target tokens decode to: a measure that does
+    not depend on the tokenizer, so a word-piece model can be compared with a character-level one.
+    """
+    context = model.cfg.context_length
+    n_windows = (len(token_ids) - 1) // context
+    if n_windows == 0:
+        raise ValueError(f"token_ids must hold more than context_length = {context} tokens")
+    ids = torch.as_tensor(np.asarray(token_ids[: n_windows * context + 1]), dtype=torch.long)
+    inputs, targets = ids[:-1].view(n_windows, context), ids[1:].view(n_windows, context)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, n_windows, batch_size):
+        x, y = inputs[start: start + batch_size].to(device), targets[start: start + batch_size].to(device)
+        logits = model(x).float()
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+    model.train(was_training)
+    n_chars = len(decode(targets.flatten().tolist()))
+    n_tokens = targets.numel()
+    return {"nats_per_token": total / n_tokens, "nats_per_char": total / n_chars,
+            "bits_per_char": total / n_chars / math.log(2), "tokens": n_tokens, "chars": n_chars}

@@ -1,0 +1,41 @@
+import nbformat
+import pytest
+
+from minigpt.notebooks import definitions_source, import_notebook, normalise_source, source_cells, sync_notebook
+
+
+def make_nb(tmp_path, *cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_import_keeps_definitions_only(tmp_path):
+    path = make_nb(tmp_path, "import math\nRATE = 0.5\nx = expensive()\n",
+                   "def area(r):\n    return math.pi * r * r * RATE\n", "%time area(2)\nprint(area(1))",
+                   "def broken(:\n")
+    module = import_notebook(path)
+    assert module.area(1) == pytest.approx(3.14159265 / 2)
+    assert not hasattr(module, "x")
+    assert "print" not in definitions_source(nbformat.read(path, as_version=4))
+
+
+def test_single_source_detects_drift_and_syncs(tmp_path):
+    import inspect
+
+    from minigpt.data import train_val_split
+
+    good = "# minigpt-source: minigpt.data.train_val_split\n" + inspect.getsource(train_val_split)
+    marked = good.replace("    token_ids = np.asarray", "    # BEGIN SOLUTION hint: x\n    token_ids = np.asarray", 1)
+    drifted = good.replace("1 - val_fraction", "1 - 2 * val_fraction")
+    path = make_nb(tmp_path, good, marked, drifted)
+    assert [c.in_sync for c in source_cells(path)] == [True, True, False]
+    assert sync_notebook(path) == 1
+    assert all(c.in_sync for c in source_cells(path))
+
+
+def test_normalise_ignores_markers_only():
+    assert normalise_source("a\n    # BEGIN SOLUTION hint: h\nb\n# END SOLUTION\n") == "a\nb\n"
+    assert normalise_source("a\nb") != normalise_source("a\nc")

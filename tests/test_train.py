@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from minigpt.data import make_loader
+from minigpt.generate import generate, generate_text
+from minigpt.model import GPTConfig, GPTModel
+from minigpt.train import (TrainConfig, choose_device, load_checkpoint, load_model, nats_per_character,
+                           save_checkpoint, train)
+
+CFG = GPTConfig(vocab_size=32, context_length=8, n_layer=1, n_head=2, n_embd=16)
+IDS = np.tile(np.arange(32), 40)  # a learnable pattern: next token = current + 1
+
+
+def run(steps=12, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = GPTModel(CFG)
+    loader = make_loader(IDS, 8, 4, seed=seed)
+    history = train(model, loader, make_loader(IDS, 8, 4, shuffle=False),
+                    TrainConfig(steps=steps, lr=1e-2, warmup_steps=2, eval_interval=6, eval_batches=2,
+                                seed=seed, progress=False), **kw)
+    return model, history
+
+
+def test_loss_decreases_and_history_is_complete():
+    _, h = run(steps=40)
+    assert len(h.train_loss) == 40 and h.eval_steps == [6, 12, 18, 24, 30, 36, 40]
+    assert np.mean(h.train_loss[-5:]) < np.mean(h.train_loss[:5]) - 0.5
+    assert h.tokens == 40 * 4 * 8
+
+
+def test_same_seed_same_losses():
+    assert run(seed=1)[1].train_loss == run(seed=1)[1].train_loss
+    assert run(seed=1)[1].train_loss != run(seed=2)[1].train_loss
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    _, full = run(steps=12, seed=3)
+    ckpt = tmp_path / "run.safetensors"
+    _, first = run(steps=12, seed=3, checkpoint=ckpt, stop_after=5)
+    assert load_checkpoint(ckpt, GPTModel(CFG))["step"] == 5
+    _, second = run(steps=12, seed=3, checkpoint=ckpt, resume=True)
+    np.testing.assert_allclose(first.train_loss + second.train_loss, full.train_loss, rtol=1e-5)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path):
+    model, _ = run(steps=3)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, step=3, extra={"note": "x"})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+    reloaded = load_model(path)
+    x = torch.randint(0, 32, (2, 8))
+    torch.testing.assert_close(reloaded(x), model(x))
+    assert reloaded.lm_head.weight is reloaded.tok_emb.weight
+    other = GPTModel(GPTConfig(vocab_size=32, context_length=8, n_layer=2, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="n_layer"):
+        load_checkpoint(path, other)
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_model(truncated)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="no optimizer state"):
+        load_checkpoint(path, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_device_choice():
+    assert choose_device("cpu").type == "cpu"
+    assert choose_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        choose_device("tpu")
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1)
+
+
+def test_generation_greedy_sampling_and_eos():
+    model, _ = run(steps=60)
+    out = generate(model, torch.tensor([[3, 4, 5]]), max_new_tokens=4)
+    assert out[0].tolist() == [3, 4, 5, 6, 7, 8, 9]  # it learned the +1 pattern
+    g = torch.Generator().manual_seed(0)
+    a = generate(model, torch.tensor([[3]]), 5, temperature=1.0, top_k=3, generator=g)
+    b = generate(model, torch.tensor([[3]]), 5, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    prompts = torch.tensor([[3, 4], [20, 21]])
+    free = generate(model, prompts, 8)
+    eos = int(free[0, 4])
+    stopped = generate(model, prompts, 8, eos_id=eos)
+    for row, ref in zip(stopped.tolist(), free.tolist()):
+        new, ref_new = row[2:], ref[2:]
+        cut = ref_new.index(eos) + 1 if eos in ref_new else len(ref_new)
+        assert new[:cut] == ref_new[:cut]  # identical until eos...
+        assert all(t == eos for t in new[cut:])  # ...then padded with eos
+    if all(eos in r[2:] for r in free.tolist()):
+        assert stopped.shape[1] < free.shape[1]  # stops once every row has finished
+    text = generate_text(model, "d", encode=lambda s: [ord(c) - 97 for c in s],
+                         decode=lambda ids: "".join(chr(i + 97) for i in ids), max_new_tokens=3)
+    assert text == "efg"
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, torch.tensor([[1]]), 2, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, torch.tensor([[1]]), 2, temperature=-1)
+
+
+def test_nats_per_character():
+    model, _ = run(steps=3)
+    result = nats_per_character(model, IDS, decode=lambda ids: "ab" * len(ids))
+    assert result["chars"] == 2 * result["tokens"]
+    assert result["nats_per_char"] == pytest.approx(result["nats_per_token"] / 2)
