@@ -107,22 +107,30 @@ class Example:
 
 
 def _task_words() -> list[str]:
+    """Python's keywords and the short built-in names: a fixed, small vocabulary of words to reverse."""
     names = set(keyword.kwlist) | {n for n in dir(builtins) if n.isidentifier() and not n.startswith("_")}
-    return sorted(n.lower() for n in names if n.isalpha() and 3 <= len(n) <= 10)
+    return sorted(n for n in names if n.isalpha() and n.islower() and 3 <= len(n) <= 6)
 
 
 TASKS = ("reverse", "add")
 
 
-def make_task_examples(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[Example]:
-    """``n`` examples such as ``Reverse: python -> nohtyp`` and ``Add: 23 + 45 = 68``, from a seed."""
+def make_task_examples(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS, digits: int = 1) -> list[Example]:
+    """``n`` examples such as ``Reverse: print -> tnirp`` and ``Add: 3 + 4 = 7``, drawn from a seed.
+
+    The defaults are sized for a 1.3M-parameter model fine-tuned for a few hundred steps on a CPU:
+    about a hundred words to reverse and one-digit sums. ``digits=2`` makes the addition harder.
+    """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     unknown = set(tasks) - set(TASKS)
     if not tasks or unknown:
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
+    if digits not in (1, 2, 3):
+        raise ValueError(f"digits must be 1, 2 or 3, got {digits}")
     rng = random.Random(seed)
     words = _task_words()
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
     examples = []
     for _ in range(n):
         task = rng.choice(tasks)
@@ -130,7 +138,7 @@ def make_task_examples(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) ->
             word = rng.choice(words)
             examples.append(Example(f"Reverse: {word} ->", word[::-1]))
         else:
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            a, b = rng.randint(low, high), rng.randint(low, high)
             examples.append(Example(f"Add: {a} + {b} =", str(a + b)))
     return examples
 

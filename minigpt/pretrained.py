@@ -7,6 +7,7 @@ The cache folder is ``$MINIGPT_CACHE`` or ``~/.cache/minigpt``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 
 from minigpt.data import encoded, make_loader, train_val_split
 from minigpt.model import GPTConfig, GPTModel
+from minigpt.tokenizer import COMPACT_VOCAB_FILE
 from minigpt.train import History, TrainConfig, load_model, seed_everything, train
 
 
@@ -28,7 +30,9 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        return f"{self.preset}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}"
+        """Cache file stem; it includes a fingerprint of the vocabulary, which the weights depend on."""
+        vocab = hashlib.sha256(COMPACT_VOCAB_FILE.read_bytes()).hexdigest()[:8]
+        return f"{self.preset}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}-vocab{vocab}"
 
 
 # Measured on 2 CPU cores: ~3 minutes, validation loss ~1.6 nats per character (see README).

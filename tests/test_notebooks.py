@@ -10,9 +10,15 @@ NOTEBOOKS = chapter_paths()
 IDS = [p.stem for p in NOTEBOOKS]
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for the session: the smoke pretrained model is trained once, then reused by later chapters."""
+    return tmp_path_factory.mktemp("minigpt-cache")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_notebook_executes_in_smoke_mode(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+def test_notebook_executes_in_smoke_mode(path, shared_cache, monkeypatch):
+    monkeypatch.setenv("MINIGPT_CACHE", str(shared_cache))
     execute_notebook(path, smoke=True, timeout=600)
 
 
