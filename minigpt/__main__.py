@@ -77,14 +77,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def delegate(module: str, function: str):
-    """Subcommands implemented in their own modules take the remaining arguments."""
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(f"minigpt.{module}"), function)(args.rest)
-    return run
+# Subcommands implemented in their own modules parse their own arguments (options in any order).
+DELEGATED = {
+    "compare": ("compare", "main", "head-to-head table of the fine-tuning methods"),
+    "bench": ("bench", "main", "speed and memory benchmarks against peft"),
+    "student-notebooks": ("classroom", "student_notebooks_main", "write student versions of the chapters"),
+    "grade": ("classroom", "grade_main", "grade a student's notebook"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        module, function, _ = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(f"minigpt.{module}"), function)(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m minigpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -115,14 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sync-notebooks", help=cmd_sync.__doc__)
     p.set_defaults(run=cmd_sync)
 
-    for name, module, function, text in (
-            ("compare", "compare", "main", "head-to-head table of the fine-tuning methods"),
-            ("bench", "bench", "main", "speed and memory benchmarks against peft"),
-            ("student-notebooks", "classroom", "student_notebooks_main", "write student versions of the chapters"),
-            ("grade", "classroom", "grade_main", "grade a student's notebook")):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=delegate(module, function))
+    for name, (_, _, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (see: python -m minigpt {name} --help)")
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,0 +1,278 @@
+"""Classroom mode: student versions of the chapters and the sandboxed autograder.
+
+Grading runs a real kernel, so only chapter 01 and small hand-made notebooks are graded here (a few seconds
+each); the student versions of every chapter present are checked without a kernel.
+"""
+
+import contextlib
+import io
+import json
+import re
+
+import nbformat
+import pytest
+
+from minigpt.checks import checks_for
+from minigpt.classroom import (DEFAULT_HINT, SolutionMarkerError, grade_main, make_student_notebook,
+                               student_notebooks_main, write_student_notebooks)
+from minigpt.grader import CheckResult, grade_notebook, run_checks
+from minigpt.notebooks import CHAPTERS_DIR, chapter_paths, import_notebook, read_notebook
+
+CHAPTERS = chapter_paths()
+IDS = [p.stem for p in CHAPTERS]
+CH01 = CHAPTERS_DIR / "01_rank_and_low_rank.ipynb"
+HINT = re.compile(r"^\s*# BEGIN SOLUTION hint:(.*)$", re.MULTILINE)
+CODE_BLOCK = re.compile(r"^[ \t]*# BEGIN SOLUTION.*?\n(.*?)^[ \t]*# END SOLUTION", re.MULTILINE | re.DOTALL)
+TEXT_BLOCK = re.compile(r"<!-- BEGIN SOLUTION -->\n(.*?)<!-- END SOLUTION -->", re.DOTALL)
+
+
+def hints_of(path):
+    return {h.strip() for c in read_notebook(path).cells if c.cell_type == "code" for h in HINT.findall(c.source)}
+
+
+def notebook(*cells):
+    """A notebook from ("code" | "markdown", source) pairs, or plain strings for code cells."""
+    nb = nbformat.v4.new_notebook()
+    for cell in cells:
+        kind, source = ("code", cell) if isinstance(cell, str) else cell
+        nb.cells.append(nbformat.v4.new_code_cell(source) if kind == "code" else nbformat.v4.new_markdown_cell(source))
+    return nb
+
+
+def save(nb, path):
+    nbformat.write(nb, path)
+    return path
+
+
+def run_cli(main, argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    code, stdout, _ = run_cli(student_notebooks_main, [str(out)])
+    assert code == 0 and "01_rank_and_low_rank.ipynb: 6 code stubs, 5 answers removed" in stdout
+    return out
+
+
+# --- student versions ------------------------------------------------------------------------------------
+
+def test_student_notebook_stubs_code_and_removes_answers():
+    code = ("def f(x):\n    y = 1\n    # BEGIN SOLUTION hint: return \"x\" plus y\n    return x + y\n"
+            "    # END SOLUTION\n\n\nclass C:\n    def g(self):\n        # BEGIN SOLUTION\n        return 2\n"
+            "        # END SOLUTION\n")
+    nb = notebook(("markdown", "Question?\n<!-- BEGIN SOLUTION -->\n**Solution.** 42\n<!-- END SOLUTION -->\nMore."),
+                  code, "print('untouched')")
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="old output")]
+    nb.cells[1].execution_count = 7
+    nb.cells[1].metadata["execution"] = {"iopub.status.busy": "2026-01-01T00:00:00Z"}
+    nb.cells[2].metadata["tags"] = ["keep"]
+    before = nbformat.writes(nb)
+
+    student = make_student_notebook(nb, "nb.ipynb")
+
+    assert nbformat.writes(nb) == before, "the reference notebook must not be modified"
+    assert student.cells[0].source == "Question?\n*Your answer here.*\nMore."
+    assert student.cells[1].source == (
+        "def f(x):\n    y = 1\n    raise NotImplementedError(\"return \\\"x\\\" plus y\")\n\n\nclass C:\n"
+        f"    def g(self):\n        raise NotImplementedError(\"{DEFAULT_HINT}\")\n")
+    namespace = {}
+    exec(student.cells[1].source, namespace)
+    with pytest.raises(NotImplementedError, match='return "x" plus y'):
+        namespace["f"](1)
+    assert student.cells[1].outputs == [] and student.cells[1].execution_count is None
+    assert "execution" not in student.cells[1].metadata
+    assert student.cells[2] == nb.cells[2]
+    assert student.cells[0].id == nb.cells[0].id
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("def f():\n    # BEGIN SOLUTION hint: h\n    return 1\n",
+     "cell 2 (code), line 2: '# BEGIN SOLUTION' is never closed"),
+    ("def f():\n    return 1\n    # END SOLUTION\n", "cell 2 (code), line 3: '# END SOLUTION' without"),
+    ("def f():\n    # BEGIN SOLUTION\n    x = 1\n# END SOLUTION\n",
+     "cell 2 (code), line 4: '# END SOLUTION' is indented"),
+    ("# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION\n", "cell 2 (code), line 2: '# BEGIN SOLUTION' inside"),
+    ("# BEGIN SOLUTION oops\n# END SOLUTION\n", "cell 2 (code), line 1: expected '# BEGIN SOLUTION' or"),
+    (("markdown", "<!-- BEGIN SOLUTION -->\nanswer\n"),
+     "cell 2 (markdown), line 1: '<!-- BEGIN SOLUTION -->' is never"),
+    (("markdown", "answer\n<!-- END SOLUTION -->\n"), "cell 2 (markdown), line 2: '<!-- END SOLUTION -->' without"),
+    (("markdown", "x <!-- BEGIN SOLUTION -->\ny\n<!-- END SOLUTION -->"),
+     "cell 2 (markdown), line 1: put '<!-- BEGIN SOLUTION -->' on a line of its own"),
+])
+def test_unbalanced_markers_name_the_notebook_and_cell(cell, message):
+    with pytest.raises(SolutionMarkerError, match=re.escape("nb.ipynb, " + message)):
+        make_student_notebook(notebook("import os", cell), "nb.ipynb")
+
+
+def test_marker_error_writes_nothing_and_cli_reports_it(tmp_path):
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    save(notebook("def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION\n"), chapters / "01_good.ipynb")
+    save(notebook("# BEGIN SOLUTION\nx = 1\n"), chapters / "02_bad.ipynb")
+    with pytest.raises(ValueError, match="02_bad.ipynb, cell 1"):
+        write_student_notebooks(tmp_path / "out", chapters_dir=chapters)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="must not be the chapters folder"):
+        write_student_notebooks(chapters, chapters_dir=chapters)
+    assert run_cli(student_notebooks_main, [str(tmp_path / "out"), "--chapters", "99"])[0] == 2
+
+
+def test_generation_is_deterministic(tmp_path, student_dir):
+    code, stdout, _ = run_cli(student_notebooks_main, [str(tmp_path), "--chapters", "1"])
+    assert code == 0 and [p.name for p in tmp_path.iterdir()] == [CH01.name], stdout
+    first = (tmp_path / CH01.name).read_bytes()
+    write_student_notebooks(tmp_path, ["01"])
+    assert (tmp_path / CH01.name).read_bytes() == first == (student_dir / CH01.name).read_bytes()
+    assert first.endswith(b"}\n") and json.loads(first)["cells"]
+    for path in CHAPTERS:
+        assert (student_dir / path.name).read_bytes() == (write_student_notebooks(
+            tmp_path / "again", [path.name[:2]])[0].path).read_bytes()
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=IDS)
+def test_every_student_version_is_valid_and_free_of_solutions(path, student_dir):
+    reference = read_notebook(path)
+    student = nbformat.read(student_dir / path.name, as_version=4)
+    nbformat.validate(student)
+    assert len(student.cells) == len(reference.cells)
+    stubs = 0
+    for index, (ref, stu) in enumerate(zip(reference.cells, student.cells)):
+        where = f"{path.name} cell {index + 1}"
+        assert "BEGIN SOLUTION" not in stu.source and "END SOLUTION" not in stu.source, where
+        blocks = CODE_BLOCK.findall(ref.source) if ref.cell_type == "code" else TEXT_BLOCK.findall(ref.source)
+        for block in blocks:
+            assert block.strip() not in stu.source, f"{where} still holds its solution"
+        if not blocks:
+            assert stu.source == ref.source, f"{where} changed although it has no solution markers"
+        if stu.cell_type == "code":
+            assert stu.outputs == [] and stu.execution_count is None, where
+            stubs += stu.source.count("raise NotImplementedError(") - ref.source.count("raise NotImplementedError(")
+            body = "\n".join(ln for ln in stu.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
+            compile(body, where, "exec")  # every cell compiles, stubs included
+    markers = sum(c.source.count("# BEGIN SOLUTION") for c in reference.cells if c.cell_type == "code")
+    assert stubs == markers > 0
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=IDS)
+def test_student_checks_are_passed_or_not_implemented_with_a_hint(path, student_dir):
+    """In-process version of grading a student notebook: untouched checks pass, stubbed ones show a hint."""
+    hints, outcomes, checks = hints_of(path), [], checks_for(path.name[:2])
+    if not checks:
+        pytest.skip(f"chapter {path.name[:2]} has no checks yet")
+    for chk in checks:
+        try:
+            chk.run(import_notebook(student_dir / path.name))
+            outcomes.append("passed")
+        except NotImplementedError as err:
+            assert str(err) in hints, f"{chk.name}: {err!r} is not one of the chapter's hints"
+            outcomes.append("stub")
+    assert "stub" in outcomes
+
+
+# --- grading ---------------------------------------------------------------------------------------------
+
+def test_reference_chapter_gets_full_marks():
+    code, stdout, _ = run_cli(grade_main, [str(CH01), "--json"])
+    report = json.loads(stdout)
+    assert code == 0 and report["passed"]
+    assert report["points"] == report["possible"] == sum(c.points for c in checks_for("01"))
+    assert {c["status"] for c in report["checks"]} == {"passed"}
+    assert report["execution"]["status"] == "completed" and report["execution"]["errors"] == []
+    assert report["execution"]["cells_run"] == report["execution"]["code_cells"] > 0
+    assert report["refused"] == [] and report["problems"] == []
+
+
+def test_student_version_gets_zero_on_stubs_and_full_marks_elsewhere(student_dir):
+    report = grade_notebook(student_dir / CH01.name)
+    status = {c.name: c.status for c in report.checks}
+    stubbed = {"truncated_svd_matches_numpy", "low_rank_factors_give_best_rank_r"} | {
+        c.name for c in report.checks if c.name.startswith("exercise_")}
+    assert {n for n, s in status.items() if s == "not_implemented"} == stubbed
+    assert {n for n, s in status.items() if s == "passed"} == set(status) - stubbed
+    hints = hints_of(CH01)
+    for c in report.checks:
+        assert c.points == (0 if c.name in stubbed else c.possible)
+        if c.name in stubbed:
+            assert c.message in hints and c.location
+    assert 0 < report.points < report.possible and not report.passed
+    assert report.execution.status == "completed"
+    assert report.execution.errors and {e.ename for e in report.execution.errors} >= {"NotImplementedError"}
+    text = report.format_text()
+    assert "hint (in exercise_2_compression_ratio): divide the full count d*k by lora_parameter_count" in text
+    assert f"Total: {report.points}/{report.possible} points." in text
+
+
+@pytest.mark.parametrize("content, reason", [(b'{"cells": [', "not valid JSON"), (b"[1, 2]", "not a notebook"),
+                                             (b"\xff\xfe", "not UTF-8 text")])
+def test_unreadable_notebook_gets_a_report_not_a_traceback(tmp_path, content, reason):
+    path = tmp_path / "01_broken.ipynb"
+    path.write_bytes(content)
+    code, stdout, stderr = run_cli(grade_main, [str(path)])
+    assert code == 1 and "Traceback" not in stdout + stderr
+    assert reason in stdout and f"Total: 0/{sum(c.points for c in checks_for('01'))} points." in stdout
+    assert run_cli(grade_main, [str(tmp_path / "missing.ipynb")])[0] == 2
+    assert run_cli(grade_main, [str(path), "--chapter", "nope"])[0] == 2
+
+
+def test_loops_hit_the_time_limits(tmp_path):
+    path = save(notebook("import numpy as np",
+                         "def matrix_rank(M, tol=None):\n    while True:\n        pass",
+                         "def exercise_2_compression_ratio(d, k, r):\n    return d * k / (r * (d + k))",
+                         "while True:\n    pass",
+                         "print('never reached')"), tmp_path / "loops.ipynb")
+    report = grade_notebook(path, chapter=1, timeout=3, check_timeout=3)
+    assert report.execution.status == "timeout" and report.execution.cells_run == 3
+    assert "cell 4" in report.execution.message
+    status = {c.name: c.status for c in report.checks}
+    assert status["matrix_rank_matches_numpy"] == "timeout"
+    assert status["exercise_2_compression_ratio_is_exact"] == "passed", "checks after a timeout still run"
+    assert status["lora_parameter_count_is_exact"] == "error"  # not defined at all
+    assert "timeout" in report.format_text() and not report.passed
+
+
+def test_a_loop_at_import_time_times_out_every_check(tmp_path):
+    submission = save(notebook("import itertools\ndef f(x=sum(itertools.count())):\n    pass"), tmp_path / "s.ipynb")
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    results = [CheckResult(c.name, c.description, c.points) for c in checks_for("01")]
+    problems = run_checks(submission, "01", results, sandbox, tmp_path / "refused.jsonl", check_timeout=2)
+    assert any("importing the notebook's definitions did not finish" in p for p in problems)
+    assert {r.status for r in results} == {"timeout"} and sum(r.points for r in results) == 0
+
+
+def test_sandbox_refuses_changes_outside_its_folder(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "tree").mkdir(parents=True)
+    canary, leaf = outside / "canary.txt", outside / "tree" / "leaf.txt"
+    canary.write_text("keep me")
+    leaf.write_text("keep me too")
+    path = save(notebook(
+        "import os, shutil, subprocess, tempfile",
+        f"os.remove({str(canary)!r})",
+        f"shutil.rmtree({str(outside / 'tree')!r})",
+        f"open({str(canary)!r}, 'w').write('overwritten')",
+        f"subprocess.run(['rm', '-f', {str(canary)!r}])",
+        "assert os.environ['MINIGPT_SMOKE'] == '1'\nopen('inside.txt', 'w').write('fine')\n"
+        "handle, name = tempfile.mkstemp()\nos.close(handle)\nos.remove(name)\nos.remove('inside.txt')",
+        f"def matrix_rank(M, tol=None):\n    import os\n    os.remove({str(canary)!r})\n    return 0",
+    ), tmp_path / "01_vandal.ipynb")
+
+    report = grade_notebook(path)
+
+    assert canary.read_text() == "keep me" and leaf.read_text() == "keep me too"
+    raised = {e.cell: e.ename for e in report.execution.errors}
+    assert raised == {2: "PermissionError", 3: "PermissionError", 4: "PermissionError", 5: "PermissionError"}
+    refused = {(r.phase, r.event) for r in report.refused}
+    assert refused == {("execution", "os.remove"), ("execution", "shutil.rmtree"), ("execution", "open"),
+                       ("execution", "subprocess.Popen"), ("checks", "os.remove")}
+    assert str(canary.resolve()) in {r.path for r in report.refused}
+    matrix_rank = next(c for c in report.checks if c.name == "matrix_rank_matches_numpy")
+    assert matrix_rank.status == "error" and "PermissionError" in matrix_rank.message
+    text = report.format_text()
+    assert "Sandbox: refused 5 operation(s)" in text and str(canary.resolve()) in text
+    assert not report.passed
