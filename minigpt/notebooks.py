@@ -7,7 +7,7 @@ A notebook cell that shows code the package also holds starts with a marker line
     # minigpt-source: minigpt.lora.LoRALayer
 
 and the rest of the cell must be exactly ``inspect.getsource`` of that object (the classroom markers
-``# BEGIN SOLUTION`` / ``# END SOLUTION`` are ignored when comparing). ``tests/test_single_source.py``
+``# BEGIN SOLUTION`` / ``# END SOLUTION`` are ignored when comparing). ``tests/test_notebooks.py``
 fails as soon as the two drift; ``python -m minigpt sync-notebooks`` rewrites the cells from the package.
 """
 
