@@ -262,8 +262,13 @@ ADAPTER_METHODS: dict[str, type[LinearWithLoRA]] = {"lora": LinearWithLoRA}
 
 
 def register_adapter_method(cls: type[LinearWithLoRA]) -> type[LinearWithLoRA]:
-    """Make ``cls.method`` known to :func:`load_adapter` (used as a class decorator by pissa/dora)."""
-    ADAPTER_METHODS[cls.method] = cls
+    """Make ``cls.method`` known to :func:`load_adapter` (used as a class decorator by pissa/dora).
+
+    Only classes defined in the ``minigpt`` package register: a notebook's copy of the class (a teaching
+    cell, or a student's stub) must not replace the package's for the rest of the process.
+    """
+    if cls.__module__.startswith("minigpt."):
+        ADAPTER_METHODS[cls.method] = cls
     return cls
 
 
