@@ -15,23 +15,8 @@ from minigpt.pissa import (LinearWithPiSSA, pissa_init, pissa_to_lora, pissa_to_
                            replace_linear_with_pissa)
 from minigpt.quant import QuantizedLinear
 
-TARGETS = ["query", "value"]
+from toy_models import TARGETS, Attn, Toy  # noqa: E402,F401  (shared with the other adapter tests)
 
-
-class Attn(nn.Module):
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.query, self.value = nn.Linear(d_in, d_out), nn.Linear(d_in, d_out)
-
-
-class Toy(nn.Module):
-    def __init__(self, d_in=12, d_out=10):
-        super().__init__()
-        self.attn = Attn(d_in, d_out)
-        self.lm_head = nn.Linear(d_out, 7, bias=False)
-
-    def forward(self, x):
-        return self.lm_head(self.attn.query(x) * torch.sigmoid(self.attn.value(x)))
 
 
 def toy(seed=0, gapped=False):

@@ -8,6 +8,7 @@ returned by :func:`minigpt.notebooks.import_notebook` (the notebook's own defini
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,3 +53,17 @@ def checks_for(chapter: str | int) -> list[Check]:
             raise
         return []
     return list(_REGISTRY.get(chapter, []))
+
+
+@contextmanager
+def using(nb, **replacements):
+    """Temporarily replace notebook globals (helpers a checked function calls) with references, so one
+    mistake in a notebook fails only the check of the function that holds it."""
+    saved = {name: getattr(nb, name, None) for name in replacements}
+    for name, value in replacements.items():
+        setattr(nb, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(nb, name, value)

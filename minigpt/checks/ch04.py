@@ -8,12 +8,11 @@ tests one function of the notebook; where that function calls another notebook f
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from minigpt.checks import check
+from minigpt.checks import check, using
 from minigpt.generate import generate
 from minigpt.model import Block, CausalSelfAttention, GPTConfig, GPTModel
 
@@ -33,17 +32,6 @@ def _ref_greedy(model, idx, max_new_tokens):
     return generate(model, idx, max_new_tokens, temperature=0)
 
 
-@contextmanager
-def _using(nb, **replacements):
-    """Temporarily replace notebook globals (helpers a checked function calls) with references."""
-    saved = {name: getattr(nb, name, None) for name in replacements}
-    for name, value in replacements.items():
-        setattr(nb, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(nb, name, value)
 
 
 def _randomise_norms(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -88,7 +76,7 @@ def gelu_matches_torch_tanh_form(nb):
 @check(points=1)
 def shortcut_connections_keep_gradients(nb):
     """DeepNet adds x + f(x) only with shortcuts; gradient_magnitudes returns each layer's mean |grad|."""
-    with _using(nb, gelu=_ref_gelu):
+    with using(nb, gelu=_ref_gelu):
         sizes = [8] * 11 + [1]
         x, target = torch.randn(4, 8, generator=torch.Generator().manual_seed(403)), torch.zeros(4, 1)
         grads = {}
@@ -118,7 +106,7 @@ def transformer_block_forward_matches_package(nb):
     """causal_attention_forward and transformer_block_forward equal the package's attention and Block."""
     g = torch.Generator().manual_seed(404)
     torch.manual_seed(404)
-    with _using(nb, layer_norm=_ref_layer_norm, gelu=_ref_gelu), torch.no_grad():
+    with using(nb, layer_norm=_ref_layer_norm, gelu=_ref_gelu), torch.no_grad():
         attn = CausalSelfAttention(MICRO).eval()
         x = torch.randn(2, 9, MICRO.n_embd, generator=g)
         torch.testing.assert_close(nb.causal_attention_forward(attn, x), attn(x), msg=lambda m: (
@@ -135,7 +123,7 @@ def transformer_block_forward_matches_package(nb):
 def gpt_forward_matches_package(nb):
     """gpt_forward equals GPTModel's logits, with a tied and with an untied head."""
     g = torch.Generator().manual_seed(405)
-    with _using(nb, layer_norm=_ref_layer_norm, gelu=_ref_gelu), torch.no_grad():
+    with using(nb, layer_norm=_ref_layer_norm, gelu=_ref_gelu), torch.no_grad():
         for tie in (True, False):
             torch.manual_seed(405)
             model = GPTModel(GPTConfig(**{**MICRO.to_dict(), "tie_weights": tie})).eval()
@@ -239,7 +227,7 @@ def exercise_4_generates_beyond_context(nb):
     torch.manual_seed(409)
     model = GPTModel(MICRO).eval()
     idx = torch.randint(0, MICRO.vocab_size, (2, 3 * MICRO.context_length + 1), generator=torch.Generator().manual_seed(1))
-    with _using(nb, generate_greedy=_ref_greedy):
+    with using(nb, generate_greedy=_ref_greedy):
         got = nb.exercise_4_generate_beyond_context(model, idx, 4)
     assert tuple(got.shape) == (2, 4), f"expected only the 4 new tokens per row, shape (2, 4), got {tuple(got.shape)}"
     want = generate(model, idx[:, -MICRO.context_length:], 4, temperature=0)[:, -4:]

@@ -9,13 +9,12 @@ function (``cross_entropy_manual``), the check swaps in ``F.cross_entropy``, so 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigpt.checks import check
+from minigpt.checks import check, using
 from minigpt.data import make_loader
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.train import TrainConfig, evaluate, nats_per_character
@@ -28,17 +27,6 @@ def _ref_cross_entropy(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-@contextmanager
-def _using(nb, **replacements):
-    """Temporarily replace notebook globals (helpers a checked function calls) with references."""
-    saved = {name: getattr(nb, name, None) for name in replacements}
-    for name, value in replacements.items():
-        setattr(nb, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(nb, name, value)
 
 
 @check(points=2)
@@ -80,7 +68,7 @@ def train_simple_reduces_the_loss(nb):
     model = GPTModel(SMALL)
     before = [p.detach().clone() for p in model.parameters()]
     loader = make_loader(PATTERN, SMALL.context_length, batch_size=8, seed=0)
-    with _using(nb, cross_entropy_manual=_ref_cross_entropy):
+    with using(nb, cross_entropy_manual=_ref_cross_entropy):
         losses = nb.train_simple(model, loader, 25, lr=1e-2, device="cpu", progress=False)
         short = nb.train_simple(GPTModel(SMALL), make_loader(PATTERN[:40], SMALL.context_length, 1), 5, progress=False)
     assert len(losses) == 25, f"train_simple(steps=25) should return 25 losses, got {len(losses)}"
@@ -101,7 +89,7 @@ def evaluate_loss_matches_package(nb):
     model = GPTModel(GPTConfig(**{**SMALL.to_dict(), "dropout": 0.3}))
     loader = make_loader(PATTERN, SMALL.context_length, batch_size=4, shuffle=False)
     model.train()
-    with _using(nb, cross_entropy_manual=_ref_cross_entropy):
+    with using(nb, cross_entropy_manual=_ref_cross_entropy):
         got = nb.evaluate_loss(model, loader, 3)
     assert model.training, "evaluate_loss must put the model back in training mode"
     want = evaluate(model, loader, 3)
