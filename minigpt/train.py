@@ -74,7 +74,7 @@ class TrainConfig:
             raise ValueError("eval_interval and eval_batches must be positive")
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay from ``lr`` to ``min_lr`` at the last step."""
+        """Linear warm-up, then cosine decay from ``lr`` towards ``min_lr``, reached at step ``steps``."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
