@@ -43,3 +43,22 @@ def atomic_save_file(save_fn, path: Path | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_safetensors(path: Path | str, kind: str, with_tensors: bool = True) -> tuple[dict, dict]:
+    """``(metadata, tensors)`` of a safetensors file, with one clear error for a missing or broken file.
+
+    ``kind`` names what the file should be ("checkpoint", "adapter file") in the messages.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
+    except Exception as err:  # safetensors raises its own error types for truncated or garbage files
+        raise ValueError(f"{path} is not a readable safetensors {kind} ({err})") from err
+    return metadata, tensors

@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minigpt.io import atomic_save_file
+from minigpt.io import atomic_save_file, read_safetensors
 
 ADAPTER_FORMAT = "minigpt-adapter/1"
 INITS = ("kaiming", "gaussian")
@@ -479,15 +478,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
 
 
 def _read_adapter(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncated / garbage files
-        raise ValueError(f"{str(path)!r} is not a readable safetensors adapter file: {err}") from err
+    metadata, tensors = read_safetensors(path, "adapter file")
     if metadata.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{str(path)!r} has metadata format={metadata.get('format')!r}; expected "
                          f"{ADAPTER_FORMAT!r} (written by minigpt.lora.save_adapter)")

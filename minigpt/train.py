@@ -20,11 +20,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm  # plain text bar: renders in saved notebooks and terminals alike
 
-from minigpt.io import atomic_save_file
+from minigpt.io import atomic_save_file, read_safetensors
 from minigpt.model import GPTConfig, GPTModel
 
 
@@ -226,14 +225,7 @@ def save_checkpoint(path: Path | str, model: torch.nn.Module, optimizer: torch.o
 
 
 def read_checkpoint_metadata(path: Path | str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"{path} is not a readable safetensors checkpoint ({err})") from err
+    meta, _ = read_safetensors(path, "checkpoint", with_tensors=False)
     if meta.get("format") != "minigpt-checkpoint-1":
         raise ValueError(f"{path} is not a minigpt checkpoint (format={meta.get('format')!r})")
     return meta
@@ -251,8 +243,7 @@ def load_checkpoint(path: Path | str, model: torch.nn.Module,
         diff = {k: (v, getattr(model.cfg, k, None)) for k, v in saved.items() if getattr(model.cfg, k, None) != v}
         if diff:
             raise ValueError(f"checkpoint {path} was saved from another config; (saved, model) differ in {diff}")
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    _, tensors = read_safetensors(path, "checkpoint")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     if getattr(getattr(model, "cfg", None), "tie_weights", False):
