@@ -28,6 +28,9 @@ SMOKE_ENV = "MINIGPT_SMOKE"
 SOURCE_MARKER = "# minigpt-source:"
 SOLUTION_LINE = re.compile(r"^\s*# (BEGIN|END) SOLUTION\b.*$")
 CHAPTERS_DIR = Path(__file__).resolve().parent.parent / "chapters"
+# The course's public repository: the Open-in-Colab badges and the Colab setup cell point here (one place).
+REPOSITORY_URL = "https://github.com/minigpt-lora/minigpt-lora"
+REPOSITORY_BRANCH = "main"
 
 
 def smoke_mode() -> bool:
@@ -173,21 +176,251 @@ def write_notebook_atomic(nb: nbformat.NotebookNode, path: Path | str) -> None:
 
 
 def execute_notebook(path: Path | str, *, smoke: bool = True, timeout: int = 600,
-                     cwd: Path | str | None = None) -> nbformat.NotebookNode:
-    """Run a notebook top to bottom in a fresh kernel (smoke mode by default) and return it with outputs."""
+                     cwd: Path | str | None = None, progress: bool = False) -> nbformat.NotebookNode:
+    """Run a notebook top to bottom in a fresh kernel (smoke mode by default) and return it with outputs.
+
+    The outputs are cleaned with :func:`clean_outputs` (each progress bar saved as its final line). With
+    ``progress=True`` the cell being run ("cell 12/40") and its latest output line are shown on stderr.
+    On POSIX the kernel talks over local IPC sockets instead of TCP on localhost (no transport warning).
+    """
+    import tempfile
+
     from nbclient import NotebookClient
+    from traitlets.config import Config
 
     path = Path(path)
     nb = read_notebook(path)
+    reporter = _CellProgress(path.name, nb) if progress else None
+
+    class _Client(NotebookClient):
+        def output(self, outs, msg, display_id, cell_index):  # noqa: ANN001 - nbclient's signature
+            if reporter is not None and msg["msg_type"] == "stream":
+                reporter.text(msg["content"].get("text", ""))
+            return super().output(outs, msg, display_id, cell_index)
+
     previous = os.environ.get(SMOKE_ENV)
     os.environ[SMOKE_ENV] = "1" if smoke else "0"
     try:
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(cwd or path.parent)}})
-        client.execute()
+        with tempfile.TemporaryDirectory(prefix="minigpt-kernel-") as ipc_dir:
+            config = Config()
+            if os.name == "posix":
+                config.KernelManager.transport = "ipc"
+                config.KernelManager.ip = str(Path(ipc_dir) / "kernel")
+            hooks = {"on_cell_start": reporter.start, "on_cell_complete": reporter.complete} if reporter else {}
+            client = _Client(nb, timeout=timeout, kernel_name="python3", config=config,
+                             resources={"metadata": {"path": str(cwd or path.parent)}}, **hooks)
+            client.execute()
     finally:
+        if reporter is not None:
+            reporter.close()
         if previous is None:
             os.environ.pop(SMOKE_ENV, None)
         else:
             os.environ[SMOKE_ENV] = previous
+    return clean_outputs(nb)
+
+
+class _CellProgress:
+    """What ``python -m minigpt course`` shows while a chapter runs: the cell and its latest output line.
+
+    On a terminal one status line is redrawn in place; in a log (not a TTY) a line is printed for each
+    cell that took more than ``slow`` seconds, with its last output line.
+    """
+
+    def __init__(self, name: str, nb: nbformat.NotebookNode, stream=None, slow: float = 10.0):
+        import sys
+
+        self.name, self.stream, self.slow = name, stream or sys.stderr, slow
+        code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and cell.source.strip()]
+        self.ordinal = {index: k + 1 for k, index in enumerate(code)}
+        self.total = len(code)
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.current, self.line, self.started, self.drawn = 0, "", 0.0, 0.0
+
+    def start(self, cell, cell_index: int, **_) -> None:  # noqa: ANN001 - nbclient hook
+        import time
+
+        self.current = self.ordinal.get(cell_index, self.current)
+        self.line, self.started = "", time.perf_counter()
+        self._draw(force=True)
+
+    def text(self, text: str) -> None:
+        lines = [ln for ln in collapse_carriage_returns(text).splitlines() if ln.strip()]
+        if lines:
+            self.line = lines[-1].strip()
+            self._draw()
+
+    def complete(self, cell, cell_index: int, **_) -> None:  # noqa: ANN001 - nbclient hook
+        import time
+
+        seconds = time.perf_counter() - self.started
+        if not self.tty and seconds >= self.slow:
+            last = f": {self.line}" if self.line else ""
+            print(f"  {self.name} cell {self.current}/{self.total} took {seconds:.0f} s{last}",
+                  file=self.stream, flush=True)
+
+    def _draw(self, force: bool = False) -> None:
+        import shutil
+        import time
+
+        if not self.tty or (not force and time.perf_counter() - self.drawn < 0.2):
+            return
+        self.drawn = time.perf_counter()
+        status = f"  {self.name} cell {self.current}/{self.total}" + (f"  {self.line}" if self.line else "")
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write("\r\x1b[K" + status[:width])
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def collapse_carriage_returns(text: str) -> str:
+    """Text as a terminal or Jupyter shows it: each ``\\r`` returns to the start of the line and what follows
+    overwrites it, so a progress bar's hundreds of updates become its final line."""
+    text = re.sub(r"\r+\n", "\n", text)
+    if "\r" not in text:
+        return text
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            shown = ""
+            for part in line.split("\r"):
+                shown = part + shown[len(part):]
+            line = shown.rstrip()
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def clean_outputs(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Merge each cell's consecutive stream outputs and collapse progress bars to their final line.
+
+    tqdm redraws its bar with ``\\r`` many times a second, and every redraw is saved as one output; after
+    cleaning, each bar is one line, as it looked when it finished. Changes ``nb`` in place and returns it.
+    """
+    for cell in nb.cells:
+        if cell.cell_type != "code" or not cell.get("outputs"):
+            continue
+        merged: list = []
+        for out in cell.outputs:
+            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                    and merged[-1].name == out.name):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        cleaned = []
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = collapse_carriage_returns(out.text)
+                if not out.text:
+                    continue
+            elif "image/png" in out.get("data", {}):
+                out.data["image/png"] = shrink_png(out.data["image/png"])
+            cleaned.append(out)
+        cell.outputs = cleaned
     return nb
+
+
+def shrink_png(data: str) -> str:
+    """A base64 PNG re-encoded with a 256-colour palette when that is smaller (about 3x for plots).
+
+    Matplotlib's figures are flat colours plus anti-aliasing, so the palette version looks the same and
+    keeps each notebook small. Images already in palette mode are returned unchanged (idempotent).
+    """
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image
+
+    try:
+        raw = base64.b64decode(data)
+        image = Image.open(io.BytesIO(raw))
+        if image.mode == "P":
+            return data
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] == 255:  # fully opaque: quantize the colours only
+            small = rgba.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        else:
+            small = rgba.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+        buffer = io.BytesIO()
+        small.save(buffer, "PNG", optimize=True, dpi=image.info.get("dpi", (72, 72)))
+    except (OSError, ValueError, binascii.Error):
+        return data  # not a PNG we can read: keep it as it is
+    if len(buffer.getvalue()) >= len(raw):
+        return data
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def clean_notebook_file(path: Path | str) -> bool:
+    """Clean a saved notebook's outputs in place (read, clean, write at once); True when it changed."""
+    path = Path(path)
+    before = path.read_bytes()
+    nb = clean_outputs(nbformat.reads(before.decode("utf-8"), as_version=4))
+    after = (nbformat.writes(nb) + "\n").encode("utf-8")
+    if after == before:
+        return False
+    write_notebook_atomic(nb, path)
+    return True
+
+
+COLAB_BADGE_ID = "colab-badge"
+COLAB_SETUP_ID = "colab-setup"
+COLAB_SETUP_SOURCE = f"""\
+# Colab setup: on Google Colab, fetch the course and install it; anywhere else this cell does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    if not os.path.isdir("minigpt-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", "{REPOSITORY_URL}"], check=True)
+    # Colab keeps its own torch (it satisfies the requirements' range); this installs the rest.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
+                   cwd="minigpt-lora", check=True)
+    sys.path.insert(0, os.path.abspath("minigpt-lora"))  # importable now, without restarting the kernel"""
+
+
+def colab_url(name: str) -> str:
+    """The address that opens chapter ``name`` (``01_rank_and_low_rank.ipynb``) from GitHub in Colab."""
+    repo = REPOSITORY_URL.removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{repo}/blob/{REPOSITORY_BRANCH}/chapters/{name}"
+
+
+def colab_badge_source(name: str) -> str:
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(name)})")
+
+
+def add_colab_cells(nb: nbformat.NotebookNode, name: str) -> bool:
+    """Make the chapter start with the Open-in-Colab badge and put the Colab setup cell before its first
+    code cell. Idempotent: cells already present (found by their ids) are only brought up to date.
+    Returns True when the notebook changed."""
+    before = nbformat.writes(nb)
+    cells = [c for c in nb.cells if c.get("id") not in (COLAB_BADGE_ID, COLAB_SETUP_ID)]
+    badge = nbformat.v4.new_markdown_cell(colab_badge_source(name), id=COLAB_BADGE_ID)
+    setup = nbformat.v4.new_code_cell(COLAB_SETUP_SOURCE, id=COLAB_SETUP_ID)
+    for old in nb.cells:  # keep the existing cells' metadata (and outputs, none expected)
+        if old.get("id") == COLAB_BADGE_ID:
+            badge.metadata = old.metadata
+        elif old.get("id") == COLAB_SETUP_ID:
+            setup.metadata, setup.outputs, setup.execution_count = old.metadata, old.get("outputs", []), \
+                old.get("execution_count")
+    first_code = next((i for i, c in enumerate(cells) if c.cell_type == "code"), len(cells))
+    cells.insert(first_code, setup)
+    nb.cells = [badge] + cells
+    if nb.nbformat_minor < 5:
+        nb.nbformat_minor = 5  # cell ids need nbformat 4.5
+    return nbformat.writes(nb) != before
+
+
+def ensure_colab_cells(path: Path | str) -> bool:
+    """Add or refresh the Colab badge and setup cell of one chapter file; True when the file changed."""
+    path = Path(path)
+    nb = read_notebook(path)
+    if not add_colab_cells(nb, path.name):
+        return False
+    write_notebook_atomic(nb, path)
+    return True
