@@ -1,4 +1,4 @@
-"""Command line: ``python -m minigpt {course,train,generate,compare,bench,student-notebooks,grade,sync-notebooks}``."""
+"""Command line: ``python -m minigpt {course,train,generate,compare,bench,site,student-notebooks,grade,sync-notebooks}``."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ DELEGATED = {
     "bench": ("bench", "main", "speed and memory benchmarks against peft"),
     "student-notebooks": ("classroom", "student_notebooks_main", "write student versions of the chapters"),
     "grade": ("classroom", "grade_main", "grade a student's notebook"),
+    "site": ("site", "main", "render the executed chapters and the README to a static HTML site"),
 }
 
 

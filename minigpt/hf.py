@@ -131,3 +131,89 @@ def download_gpt2(dest: Path | str = CACHE_DIR, repo: str = GPT2_REPO, revision:
     atomic_write_bytes(dest / "config.json", config)
     atomic_write_bytes(weights, data)
     return dest
+
+
+def hf_config_from(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
+    """The Hugging Face GPT-2 ``config.json`` for our ``GPTConfig`` (the inverse of :func:`config_from_hf`)."""
+    if eos_token_id is None and cfg.vocab_size == 50257:
+        eos_token_id = 50256  # GPT-2's <|endoftext|>
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+              "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.n_embd,
+              "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new",
+              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+              "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": 0.02, "scale_attn_weights": True,
+              "tie_word_embeddings": cfg.tie_weights, "dtype": "float32"}
+    if eos_token_id is not None:
+        config.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    return config
+
+
+def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """Our weights under GPT-2's names: query/key/value fused into ``c_attn`` and every projection transposed
+    to ``Conv1D``'s ``(in, out)`` layout; the inverse of :func:`convert_hf_state_dict`.
+
+    Only plain ``nn.Linear`` layers are written: merge adapters into the weights first, and export the
+    adapters themselves with ``minigpt.adapters.export_peft``.
+    """
+    from torch import nn
+
+    cfg = model.cfg
+
+    def linear(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if type(module) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(module).__name__}, not a plain nn.Linear: merge the adapters "
+                             "into the weights (and unwrap them) before save_gpt2, or use "
+                             "minigpt.adapters.export_peft for the adapters")
+        bias = module.bias if module.bias is not None else torch.zeros(module.out_features)  # bias=False
+        return module.weight.detach(), bias.detach()
+
+    out = {"transformer.wte.weight": model.tok_emb.weight.detach(),
+           "transformer.wpe.weight": model.pos_emb.weight.detach(),
+           "transformer.ln_f.weight": model.ln_f.weight.detach(),
+           "transformer.ln_f.bias": model.ln_f.bias.detach()}
+    for i, block in enumerate(model.blocks):
+        dst = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[dst + f"{ln}.weight"] = getattr(block, ln).weight.detach()
+            out[dst + f"{ln}.bias"] = getattr(block, ln).bias.detach()
+        parts = [linear(getattr(block.attn, p), f"blocks.{i}.attn.{p}") for p in ("query", "key", "value")]
+        out[dst + "attn.c_attn.weight"] = torch.cat([w for w, _ in parts], dim=0).t()  # (C, 3C): q | k | v
+        out[dst + "attn.c_attn.bias"] = torch.cat([b for _, b in parts])
+        for ours, theirs in (("attn.out_proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            w, b = linear(block.get_submodule(ours), f"blocks.{i}.{ours}")
+            out[dst + f"{theirs}.weight"], out[dst + f"{theirs}.bias"] = w.t(), b
+    if not cfg.tie_weights:
+        out["lm_head.weight"] = model.lm_head.weight.detach()
+    return {name: tensor.to("cpu").contiguous().clone() for name, tensor in out.items()}
+
+
+def save_gpt2(model: GPTModel, folder: Path | str, eos_token_id: int | None = None) -> Path:
+    """Write ``model`` as a Hugging Face GPT-2 folder (``config.json`` + ``model.safetensors``).
+
+    ``transformers.GPT2LMHeadModel.from_pretrained(folder)`` then gives the same logits as ``model`` (and
+    :func:`load_gpt2` reads it back). Query, key and value are fused into ``c_attn`` and transposed to
+    ``Conv1D`` layout; linear layers built with ``bias=False`` get zero biases, which GPT-2 always has.
+
+    **Compact-vocabulary models** (the course's tiny model) are saved as they are: GPT-2 with
+    ``vocab_size=4096``, whose token ids are the compact vocabulary's own ids, not GPT-2's. The folder holds
+    no tokenizer, so map text to ids and back with the compact vocabulary, not with ``GPT2Tokenizer``::
+
+        vocab = minigpt.tokenizer.get_compact_vocab()
+        save_gpt2(model, "tiny-hf", eos_token_id=vocab.eot_id)
+        hf = transformers.GPT2LMHeadModel.from_pretrained("tiny-hf")
+        ids = torch.tensor([vocab.encode("ROMEO:")])
+        text = vocab.decode(hf.generate(ids, max_new_tokens=20, do_sample=True)[0].tolist())
+
+    ``eos_token_id`` defaults to 50256 (``<|endoftext|>``) for the full 50,257-token vocabulary.
+    """
+    from safetensors.torch import save_file
+
+    from minigpt.io import atomic_save_file
+
+    folder = Path(folder)
+    state = to_hf_state_dict(model)
+    config = hf_config_from(model.cfg, eos_token_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), folder / "model.safetensors")
+    atomic_write_bytes(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    return folder
