@@ -23,7 +23,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     for path in paths:
         start = time.perf_counter()
         print(f"{path.name} ...", flush=True)
-        nb = execute_notebook(path, smoke=args.smoke, timeout=args.timeout)
+        nb = execute_notebook(path, smoke=args.smoke, timeout=args.timeout, progress=True)
         write_notebook_atomic(nb, out / path.name)
         print(f"{path.name} done in {time.perf_counter() - start:.0f} s -> {out / path.name}", flush=True)
     print(f"{len(paths)} chapters in {time.perf_counter() - total:.0f} s")
@@ -67,13 +67,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Rewrite notebook cells that copy package code (``# minigpt-source:``) from the package."""
-    from minigpt.notebooks import chapter_paths, sync_notebook
+    """Rewrite notebook cells that copy package code (``# minigpt-source:``) from the package, and add or
+    refresh each chapter's Open-in-Colab badge and Colab setup cell."""
+    from minigpt.notebooks import chapter_paths, ensure_colab_cells, sync_notebook
 
     for path in chapter_paths():
         changed = sync_notebook(path)
         if changed:
             print(f"{path.name}: {changed} cell(s) rewritten")
+        if ensure_colab_cells(path):
+            print(f"{path.name}: Colab badge and setup cell updated")
     return 0
 
 

@@ -240,7 +240,9 @@ class _CellProgress:
     def start(self, cell, cell_index: int, **_) -> None:  # noqa: ANN001 - nbclient hook
         import time
 
-        self.current = self.ordinal.get(cell_index, self.current)
+        if cell_index not in self.ordinal:  # markdown and empty cells
+            return
+        self.current = self.ordinal[cell_index]
         self.line, self.started = "", time.perf_counter()
         self._draw(force=True)
 
@@ -254,7 +256,7 @@ class _CellProgress:
         import time
 
         seconds = time.perf_counter() - self.started
-        if not self.tty and seconds >= self.slow:
+        if cell_index in self.ordinal and not self.tty and seconds >= self.slow:
             last = f": {self.line}" if self.line else ""
             print(f"  {self.name} cell {self.current}/{self.total} took {seconds:.0f} s{last}",
                   file=self.stream, flush=True)
