@@ -1,22 +1,29 @@
-"""Head-to-head: full fine-tuning, LoRA, rsLoRA, PiSSA and DoRA on the same model, data, steps and seeds.
+"""The fine-tuning lab: full fine-tuning, LoRA, rsLoRA, PiSSA and DoRA on one model, one budget, three seeds.
 
-Every method starts from a deep copy of the course's pretrained mini GPT (:func:`minigpt.pretrained.get_pretrained`),
-trains on the shared fine-tuning stream (:mod:`minigpt.finetune`) with the same schedule, batches and seed,
-and is measured the same way. One row per method:
+Every run starts from a deep copy of the course's pretrained mini GPT (:func:`minigpt.pretrained.get_pretrained`),
+trains on the shared stream of :mod:`minigpt.finetune` (documentation + the word-reversal task, loss on answers
+only) for the same steps and batches, and is measured the same way. The rules that make the comparison fair:
 
-* ``trainable`` parameters and ``trainable_pct``, in % of the pretrained model's parameters;
-* ``checkpoint_bytes``: the file fine-tuning produces, written to a temporary folder: the adapter
-  (:func:`minigpt.lora.save_adapter`) for the adapter methods, the whole model checkpoint for full fine-tuning;
-* ``memory_bytes``: what one training step needs (parameters, gradients, AdamW state, saved activations;
-  :func:`minigpt.bench.training_memory` explains how it is counted on CPU and CUDA);
-* ``seconds_per_step``: training time divided by steps (evaluation excluded);
-* ``domain_loss``, ``task_accuracy`` and ``shakespeare_loss`` (forgetting; Biderman et al., 2024,
-  arXiv:2405.09673) from :func:`minigpt.finetune.measure`.
+* **The same learning-rate grid for every method** (:data:`LR_GRID`), each method's best chosen on seed 0 by
+  task accuracy on *validation* prompts (:attr:`FinetuneData.task_val`), never on the prompts we report;
+* **the same weight-decay rule**: none, for every method (fine-tuning for a few hundred steps; PiSSA's authors
+  argue decay would pull its principal components towards zero, and applying a rule to one method only
+  would confound the comparison);
+* **seeds**: every (method, lr) is then run with seeds 0, 1, 2, ...; the seed fixes the adapters'
+  random initialisation and the order of the batches. Tables show mean ± standard deviation over seeds.
 
-Methods: full fine-tuning; LoRA (Hu et al., 2021, arXiv:2106.09685, eq. (3), scaling α/r); rsLoRA
-(Kalajdzievski, 2023, arXiv:2312.03732, scaling α/√r); PiSSA (Meng, Wang & Zhang, 2024, arXiv:2404.02948,
-SVD initialisation); DoRA (Liu et al., 2024, arXiv:2402.09353, eq. (5)). All adapters go on every linear
-layer except the tied output head, with the same rank and alpha.
+Finished runs are cached as JSON under ``$MINIGPT_CACHE/runs/<pretrained recipe>/`` keyed by their full
+configuration, so chapters that share a run (chapter 06's LoRA baseline is chapter 10's) compute it once.
+
+One record per run (:data:`RECORD_KEYS`): ``method``, ``seed``, ``lr``, ``rank``, ``trainable`` parameters,
+``task_accuracy`` (held-out prompts), ``val_accuracy`` (the prompts used for choosing lr), ``domain_loss``
+(held-out documentation), ``shakespeare_loss`` (forgetting; Biderman et al., 2024, arXiv:2405.09673) and
+``shakespeare_loss_before``, ``delta_ratio`` = ‖ΔW‖_F/‖W0‖_F over the block linears, ``seconds``,
+``checkpoint_bytes`` and, with ``curve_every``, a learning-forgetting ``curve``.
+
+Methods: LoRA (Hu et al., 2021, arXiv:2106.09685, eq. (3), scaling α/r); rsLoRA (Kalajdzievski, 2023,
+arXiv:2312.03732, α/√r); PiSSA (Meng, Wang & Zhang, 2024, arXiv:2404.02948); DoRA (Liu et al., 2024,
+arXiv:2402.09353, eq. (5)). Adapters go on every linear layer of the blocks, never the tied output head.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
-import math
+import statistics
 import sys
 import tempfile
 import time
@@ -33,53 +41,54 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from minigpt.bench import training_memory
+from minigpt.adapters import save_adapter
+from minigpt.analysis import delta_ratio
 from minigpt.dora import replace_linear_with_dora
-from minigpt.finetune import finetune_data, finetune_loaders, measure
-from minigpt.lora import count_parameters, replace_linear_with_lora, save_adapter
+from minigpt.finetune import FinetuneData, finetune_context, finetune_data, finetune_loaders, measure, task_accuracy
+from minigpt.io import UserError, atomic_write_bytes, cache_dir, check_float, check_int
+from minigpt.lora import count_parameters, replace_linear_with_lora
 from minigpt.pissa import replace_linear_with_pissa
-from minigpt.train import TrainConfig, save_checkpoint, seed_everything, train
+from minigpt.train import TrainConfig, evaluate, save_checkpoint, seed_everything, train
 
 METHODS = ("full", "lora", "rslora", "pissa", "dora")
-# Peak learning rates. full: 3e-3, the pretraining rate. lora: 1e-2 (chapter 6's sweep, 400 steps: 1e-2 beat
-# 5e-3 on documentation loss). rslora: at rank 8 its α/√r scaling is 2.8x LoRA's α/r, so a smaller step gives a
-# similar update. pissa: its A and B start at √σ-sized values, so one Adam step moves ΔW = s(ΔA·B + A·ΔB) much
-# further than LoRA's (B = 0) and a smaller rate is needed. dora: as LoRA (same A, B; the magnitudes are 1-D).
-# Only lora's value comes from a sweep; the others follow these arguments and are not tuned.
-DEFAULT_LRS = {"full": 3e-3, "lora": 1e-2, "rslora": 5e-3, "pissa": 2e-3, "dora": 1e-2}
-DEFAULT_STEPS, SMOKE_STEPS = 300, 4
-DEFAULT_RANK, DEFAULT_ALPHA = 8, 16.0
+# One grid for all methods, fine enough (steps of ~1.6x) for LoRA's narrow window of usable rates.
+LR_GRID = (5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 8e-3)
+SMOKE_LR_GRID = (1e-3, 5e-3)
+DEFAULT_STEPS, SMOKE_STEPS = 200, 4
+DEFAULT_RANK, DEFAULT_ALPHA = 16, 32.0
+DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
-COLUMNS = ("method", "lr", "trainable", "trainable_pct", "checkpoint_bytes", "memory_bytes", "seconds_per_step",
-           "domain_loss", "task_accuracy", "shakespeare_loss")
+WEIGHT_DECAY = 0.0
+RECORD_KEYS = ("method", "seed", "lr", "rank", "alpha", "steps", "trainable", "task_accuracy", "val_accuracy",
+               "domain_loss", "shakespeare_loss", "shakespeare_loss_before", "delta_ratio", "seconds",
+               "checkpoint_bytes", "task_accuracy_before", "domain_loss_before")
 
 
-def _check_methods(methods) -> tuple[str, ...]:
-    if isinstance(methods, str):
-        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
-    methods = tuple(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be a non-empty list of distinct names from {METHODS}, got {list(methods)}")
-    return methods
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a fine-tuning run's result (and its cache key)."""
 
+    method: str
+    lr: float
+    seed: int = 0
+    rank: int = DEFAULT_RANK
+    alpha: float = DEFAULT_ALPHA
+    steps: int = DEFAULT_STEPS
+    batch_size: int = BATCH_SIZE
+    curve_every: int | None = None  # evaluate task accuracy and forgetting every this many steps
 
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
-    return value
-
-
-def _check_lrs(lrs, methods: tuple[str, ...]) -> dict[str, float]:
-    lrs = dict(lrs or {})
-    for method, lr in lrs.items():
-        if method not in METHODS:
-            raise ValueError(f"lrs keys must be in {METHODS}, got {method!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lrs[{method!r}] must be a positive learning rate, got {lr!r}")
-    return {m: float(lrs.get(m, DEFAULT_LRS[m])) for m in methods}
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_float("lr", self.lr, 0.0, strict_min=True)
+        check_int("seed", self.seed, 0)
+        check_int("rank", self.rank, 1)
+        check_float("alpha", self.alpha, 0.0, strict_min=True)
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 1)
+        if self.curve_every is not None:
+            check_int("curve_every", self.curve_every, 1)
 
 
 def prepare_model(base: nn.Module, method: str, rank: int, alpha: float, seed: int = 0) -> nn.Module:
@@ -95,7 +104,7 @@ def prepare_model(base: nn.Module, method: str, rank: int, alpha: float, seed: i
     elif method == "dora":
         replace_linear_with_dora(model, rank, alpha)
     else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise UserError(f"method must be one of {METHODS}, got {method!r}")
     return model
 
 
@@ -110,107 +119,194 @@ def checkpoint_bytes(model: nn.Module, method: str) -> int:
         return path.stat().st_size
 
 
-def run_comparison(methods=METHODS, steps: int | None = None, rank: int = DEFAULT_RANK,
-                   alpha: float = DEFAULT_ALPHA, lrs: dict[str, float] | None = None, seed: int = 0,
-                   smoke: bool | None = None, progress: bool = True, baseline: bool = True) -> list[dict]:
-    """Fine-tune the pretrained mini GPT with each method under identical conditions; one dict per method.
+def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: int = 20,
+             progress: bool = False) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of ``base`` as ``spec`` says; returns the model and its record (uncached)."""
+    model = prepare_model(base, spec.method, spec.rank, spec.alpha, spec.seed)
+    train_loader, _, shakespeare_val = finetune_loaders(data, finetune_context(base), spec.batch_size, seed=spec.seed)
+    curve: list[dict] = []
 
-    ``steps`` defaults to 300 (about 3-4 minutes for the five methods on 2 CPU cores) or 4 in smoke mode;
-    ``lrs`` overrides entries of ``DEFAULT_LRS``. With ``baseline`` the first row is the pretrained model
-    itself (``method="pretrained"``, no training): the reference for forgetting. Keys: ``COLUMNS``.
+    def checkpoint(step: int, current: nn.Module) -> None:
+        curve.append({"step": step, "val_accuracy": task_accuracy(current, data.task_val),
+                      "shakespeare_loss": evaluate(current, shakespeare_val, eval_batches)})
+
+    cfg = TrainConfig(steps=spec.steps, lr=spec.lr, min_lr=spec.lr / 10, warmup_steps=max(1, spec.steps // 10),
+                      weight_decay=WEIGHT_DECAY, seed=spec.seed, device="cpu", progress=progress,
+                      eval_interval=spec.curve_every or spec.steps)
+    history = train(model, train_loader, None, cfg, callback=checkpoint if spec.curve_every else None)
+    model.eval()
+    record = {"method": spec.method, "seed": spec.seed, "lr": spec.lr, "rank": spec.rank, "alpha": spec.alpha,
+              "steps": spec.steps, "trainable": count_parameters(model)[0],
+              **measure(model, data, max_batches=eval_batches),
+              "val_accuracy": task_accuracy(model, data.task_val),
+              "delta_ratio": delta_ratio(base, model), "seconds": history.seconds,
+              "checkpoint_bytes": checkpoint_bytes(model, spec.method),
+              "train_loss_last": sum(history.train_loss[-20:]) / len(history.train_loss[-20:])}
+    if spec.curve_every:
+        record["curve"] = [{"step": 0, "val_accuracy": task_accuracy(base, data.task_val),
+                            "shakespeare_loss": evaluate(base, shakespeare_val, eval_batches)}, *curve]
+    return model, record
+
+
+class Lab:
+    """The pretrained base, the data and the run cache, shared by every experiment of chapters 06-10.
+
+    ``smoke`` shrinks everything to seconds (micro model, a few steps, a few prompts); ``cache`` False
+    recomputes every run.
     """
-    from minigpt.notebooks import smoke_mode
-    from minigpt.pretrained import get_pretrained
 
-    methods = _check_methods(methods)
-    smoke = smoke_mode() if smoke is None else bool(smoke)
-    steps = _check_positive_int((SMOKE_STEPS if smoke else DEFAULT_STEPS) if steps is None else steps, "steps")
-    _check_positive_int(rank, "rank")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-    lrs = _check_lrs(lrs, methods)
+    def __init__(self, smoke: bool | None = None, cache: bool = True, progress: bool = False):
+        from minigpt.notebooks import smoke_mode
+        from minigpt.pretrained import get_pretrained, recipe_for
 
-    base = get_pretrained(smoke=smoke, progress=progress).to("cpu").eval()
-    data = finetune_data()
-    if smoke:  # the plumbing only: a few task prompts and evaluation batches
-        data = dataclasses.replace(data, task_eval=data.task_eval[:8])
-    eval_batches = 2 if smoke else 20
-    batch_size = SMOKE_BATCH_SIZE if smoke else BATCH_SIZE
-    context = base.cfg.context_length
-    base_params = count_parameters(base)[1]
+        self.smoke = smoke_mode() if smoke is None else bool(smoke)
+        self.cache = cache
+        self.progress = progress
+        self.base = get_pretrained(smoke=self.smoke, progress=progress).to("cpu").eval()
+        data = finetune_data()
+        if self.smoke:
+            data = dataclasses.replace(data, task_eval=data.task_eval[:8], task_val=data.task_val[:8])
+        self.data = data
+        self.eval_batches = 2 if self.smoke else 20
+        self.folder = cache_dir("runs", recipe_for(self.smoke).name)
+        self._before: dict | None = None
 
-    rows = []
-    if baseline:
-        rows.append({"method": "pretrained", "lr": None, "trainable": 0, "trainable_pct": 0.0,
-                     "checkpoint_bytes": None, "memory_bytes": None, "seconds_per_step": None,
-                     **measure(base, data, max_batches=eval_batches)})
+    def spec(self, method: str, lr: float, seed: int = 0, **changes) -> RunSpec:
+        """A :class:`RunSpec` with this lab's defaults (smoke: a few steps, small batches)."""
+        if self.smoke:
+            changes.setdefault("steps", SMOKE_STEPS)
+            changes.setdefault("batch_size", SMOKE_BATCH_SIZE)
+            if changes.get("curve_every"):
+                changes["curve_every"] = 2
+        return RunSpec(method, lr, seed, **changes)
+
+    def before(self) -> dict:
+        """The pretrained model's own measurements: the reference for learning and forgetting."""
+        if self._before is None:
+            self._before = measure(self.base, self.data, max_batches=self.eval_batches)
+        return self._before
+
+    def run(self, spec: RunSpec) -> dict:
+        """The record of ``spec``, from the cache when this exact run was done before."""
+        key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+        path = self.folder / f"{spec.method}-{key}.json"
+        if self.cache and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass  # a damaged cache entry is recomputed and replaced
+        _, record = finetune(self.base, spec, self.data, self.eval_batches, self.progress)
+        record.update({f"{key}_before": value for key, value in self.before().items()})
+        if self.cache:
+            atomic_write_bytes(path, json.dumps(record).encode())
+        return record
+
+    def tune(self, method: str, grid: tuple[float, ...] | None = None, **changes) -> tuple[float, list[dict]]:
+        """Seed 0 at every learning rate of ``grid``; the best by validation accuracy (ties: lower train loss)."""
+        grid = grid or (SMOKE_LR_GRID if self.smoke else LR_GRID)
+        records = [self.run(self.spec(method, lr, 0, **changes)) for lr in grid]
+        best = max(records, key=lambda r: (r["val_accuracy"], -r["train_loss_last"]))
+        return best["lr"], records
+
+    def seeds(self, method: str, lr: float, seeds: int = DEFAULT_SEEDS, **changes) -> list[dict]:
+        """One record per seed 0 .. ``seeds``-1 at ``lr``."""
+        return [self.run(self.spec(method, lr, seed, **changes)) for seed in range(seeds)]
+
+
+def run_comparison(methods=METHODS, seeds: int = DEFAULT_SEEDS, rank: int = DEFAULT_RANK,
+                   alpha: float = DEFAULT_ALPHA, steps: int | None = None, grid: tuple[float, ...] | None = None,
+                   smoke: bool | None = None, cache: bool = True, progress: bool = False) -> list[dict]:
+    """Tune each method's lr on ``grid`` (seed 0, validation prompts), then run ``seeds`` seeds at the best.
+
+    Returns one record per (method, seed) with :data:`RECORD_KEYS`.
+    """
+    if isinstance(methods, str):
+        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    methods = tuple(methods)
+    if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
+        raise UserError(f"methods must be distinct names from {METHODS}, got {list(methods)}")
+    check_int("seeds", seeds, 1)
+    lab = Lab(smoke, cache, progress)
+    changes = {"rank": check_int("rank", rank, 1), "alpha": check_float("alpha", alpha, 0.0, strict_min=True)}
+    if steps is not None:
+        changes["steps"] = check_int("steps", steps, 1)
+    records = []
     for method in methods:
-        model = prepare_model(base, method, rank, alpha, seed)
-        train_loader, _, _ = finetune_loaders(data, context, batch_size, seed=seed)
-        memory = training_memory(model, next(iter(train_loader)))["total"]
-        cfg = TrainConfig(steps=steps, lr=lrs[method], min_lr=lrs[method] / 10, warmup_steps=max(1, steps // 10),
-                          seed=seed, device="cpu", progress=progress)
+        start = time.perf_counter()
+        lr, _ = lab.tune(method, grid, **changes)
+        records += lab.seeds(method, lr, seeds, **changes)
         if progress:
-            print(f"{method}: lr {lrs[method]:g}", file=sys.stderr, flush=True)
-        history = train(model, train_loader, None, cfg)
-        trainable = count_parameters(model)[0]
-        rows.append({"method": method, "lr": lrs[method], "trainable": trainable,
-                     "trainable_pct": 100.0 * trainable / base_params,
-                     "checkpoint_bytes": checkpoint_bytes(model, method), "memory_bytes": memory,
-                     "seconds_per_step": history.seconds / steps,
-                     **measure(model.eval(), data, max_batches=eval_batches)})
-    return [{key: row[key] for key in COLUMNS} for row in rows]
+            print(f"{method}: lr {lr:g} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return [{key: r[key] for key in RECORD_KEYS} for r in records]
 
 
-def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+def summarize(records: list[dict], keys=("task_accuracy", "domain_loss", "shakespeare_loss", "delta_ratio")) -> dict:
+    """``{method: {key: (mean, std)}, ...}`` over seeds, plus ``lr``, ``trainable`` and ``n`` (seeds)."""
+    summary: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = [r for r in records if r["method"] == method]
+        entry = {"lr": rows[0]["lr"], "trainable": rows[0]["trainable"], "n": len(rows)}
+        for key in keys:
+            values = [float(r[key]) for r in rows]
+            entry[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        summary[method] = entry
+    return summary
 
 
-def format_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table (sizes in KiB/MiB, accuracy in %)."""
-    header = ("| method | lr | trainable | % of model | checkpoint | train memory | s/step | domain loss "
-              "| task acc. | Shakespeare loss |")
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    for r in rows:
-        size = r["checkpoint_bytes"]
-        size_text = "–" if size is None else (f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB")
-        memory = None if r["memory_bytes"] is None else r["memory_bytes"] / 2**20
-        lines.append(f"| {r['method']} | {_fmt(r['lr'], 'g')} | {r['trainable']:,} | {r['trainable_pct']:.2f} "
-                     f"| {size_text} | {_fmt(memory, '.1f')}{'' if memory is None else ' MiB'} "
-                     f"| {_fmt(r['seconds_per_step'], '.3f')} | {r['domain_loss']:.3f} "
-                     f"| {100 * r['task_accuracy']:.1f} % | {r['shakespeare_loss']:.3f} |")
+def exceeds_spread(a: list[float], b: list[float]) -> bool:
+    """Whether two sets of seeds differ by more than their spread: |mean(a) - mean(b)| > std(a) + std(b).
+
+    A deliberately plain rule (no p-value from three seeds): a difference inside the seeds' own scatter
+    is reported as "within the spread".
+    """
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+    return abs(statistics.fmean(a) - statistics.fmean(b)) > sd(a) + sd(b)
+
+
+def format_table(records: list[dict]) -> str:
+    """Mean ± std over seeds per method, as a Markdown table."""
+    summary = summarize(records)
+    first = records[0]
+    lines = ["| method | lr | trainable | task accuracy | domain loss | Shakespeare loss | ‖ΔW‖/‖W0‖ |",
+             "|---|---|---|---|---|---|---|"]
+    if "task_accuracy_before" in first:
+        lines.append(f"| pretrained | – | 0 | {100 * first['task_accuracy_before']:.1f} % | "
+                     f"{first['domain_loss_before']:.3f} | {first['shakespeare_loss_before']:.3f} | 0 |")
+    for method, s in summary.items():
+        acc, dom, sha, ratio = (s[k] for k in ("task_accuracy", "domain_loss", "shakespeare_loss", "delta_ratio"))
+        lines.append(f"| {method} | {s['lr']:g} | {s['trainable']:,} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} % "
+                     f"| {dom[0]:.3f} ± {dom[1]:.3f} | {sha[0]:.3f} ± {sha[1]:.3f} | {ratio[0]:.3f} ± {ratio[1]:.3f} |")
+    n = min(s["n"] for s in summary.values())
+    lines.append(f"\nmean ± standard deviation over {n} seeds")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m minigpt compare [--steps N] [--rank R] [--alpha A] [--methods full,lora,...] [--smoke] [--json PATH]``."""
+    """``python -m minigpt compare [--seeds N] [--json OUT] [--methods full,lora,...] [--steps N] [--smoke]``."""
     parser = argparse.ArgumentParser(prog="python -m minigpt compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help=f"steps per method (default {DEFAULT_STEPS}, "
-                                                                f"smoke {SMOKE_STEPS})")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per method (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK)
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="micro model, a few steps: seconds")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="write one record per (method, seed) to this JSON file")
+    parser.add_argument("--no-cache", action="store_true", help="recompute runs found in the cache")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        methods = _check_methods(args.methods)
-        if args.steps is not None:
-            _check_positive_int(args.steps, "steps")
-        _check_positive_int(args.rank, "rank")
-    except ValueError as err:
-        parser.error(str(err))
+    if args.json and Path(args.json).exists() and not Path(args.json).is_file():
+        parser.error(f"--json {args.json} exists and is not a file")
     start = time.perf_counter()
-    rows = run_comparison(methods, args.steps, args.rank, args.alpha, seed=args.seed, smoke=args.smoke or None,
-                          progress=not args.no_progress)
-    print(format_table(rows))
-    print(f"\n{len(methods)} methods in {time.perf_counter() - start:.0f} s")
+    try:
+        records = run_comparison(args.methods, args.seeds, args.rank, args.alpha, args.steps,
+                                 smoke=args.smoke or None, cache=not args.no_cache, progress=not args.no_progress)
+    except UserError as err:
+        parser.error(str(err))
+    print(format_table(records))
+    print(f"\n{len(records)} runs in {time.perf_counter() - start:.0f} s")
     if args.json:
-        from minigpt.io import atomic_write_bytes
-
-        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
+        atomic_write_bytes(args.json, json.dumps(records, indent=2).encode())
+        print(f"records: {args.json}")
     return 0
 
 

@@ -13,15 +13,14 @@ Everything here is available offline after ``pip install -r requirements.txt``:
 
 from __future__ import annotations
 
-import builtins
 import functools
 import hashlib
 import importlib.util
-import keyword
 import random
 import re
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +28,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.io import atomic_write_bytes
+from minigpt.io import atomic_write_bytes, cache_dir as default_cache_dir
 
-CACHE_DIR = Path.home() / ".cache" / "minigpt"
+
+def __getattr__(name: str):
+    if name == "CACHE_DIR":  # computed on access, so that it follows $MINIGPT_CACHE (minigpt.io.cache_dir)
+        return default_cache_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Shakespeare
@@ -93,7 +97,62 @@ def python_docs_text() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# A generated instruction task
+# Who trains on what: disjoint splits of the two corpora
+
+
+def _bucket(text: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a piece of text (the same on every machine)."""
+    return zlib.crc32(text.encode("utf-8")) % 10_000 / 10_000
+
+
+@functools.lru_cache(maxsize=1)
+def shakespeare_parts(val_fraction: float = 0.1) -> tuple[str, str]:
+    """Shakespeare as (training text, held-out text), cut at the speech boundary nearest ``1 - val_fraction``."""
+    text = shakespeare_text()
+    cut = text.find("\n\n", int(len(text) * (1 - val_fraction))) + 2
+    return text[:cut], text[cut:]
+
+
+# A quarter of the documentation joins pretraining, so that the fine-tuning chapters start from a model
+# that has met every token they use (chapter 05). Fine-tuning trains on and measures the other three quarters.
+DOCS_PRETRAIN_SHARE = 0.25
+DOCS_VAL_SHARE = 0.15
+
+
+@functools.lru_cache(maxsize=1)
+def docs_parts() -> dict[str, list[str]]:
+    """Python's documentation paragraphs in three disjoint parts: ``pretrain``, ``finetune``, ``validation``.
+
+    Each paragraph is assigned by a hash of its text, so the split is the same everywhere. A paragraph
+    holding a character that neither Shakespeare nor the hashed pretraining share contains goes to
+    ``pretrain`` too: otherwise its bytes would reach fine-tuning untrained.
+    """
+    paragraphs = [p + "\n\n" for p in python_docs_text().split("\n\n") if p.strip()]
+    parts: dict[str, list[str]] = {"pretrain": [], "finetune": [], "validation": []}
+    rest = []
+    for p in paragraphs:
+        (parts["pretrain"] if _bucket(p) < DOCS_PRETRAIN_SHARE else rest).append(p)
+    known = set(shakespeare_parts()[0]) | set("".join(parts["pretrain"]))
+    for p in rest:
+        if not set(p) <= known:
+            parts["pretrain"].append(p)
+        elif _bucket("validation" + p) < DOCS_VAL_SHARE:
+            parts["validation"].append(p)
+        else:
+            parts["finetune"].append(p)
+    return parts
+
+
+def pretraining_texts() -> list[str]:
+    """What pretraining reads: Shakespeare's training part and the documentation's pretraining share.
+
+    The compact vocabulary is built from exactly these texts, so every id in it is trained.
+    """
+    return [shakespeare_parts()[0], "".join(docs_parts()["pretrain"])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A generated instruction task: reverse three words
 
 
 @dataclass(frozen=True)
@@ -106,41 +165,64 @@ class Example:
         return f"{self.prompt} {self.answer}\n"
 
 
-def _task_words() -> list[str]:
-    """Python's keywords and the short built-in names: a fixed, small vocabulary of words to reverse."""
-    names = set(keyword.kwlist) | {n for n in dir(builtins) if n.isidentifier() and not n.startswith("_")}
-    return sorted(n for n in names if n.isalpha() and n.islower() and 3 <= len(n) <= 6)
+TASK_WORDS = 100  # how many of Shakespeare's most frequent words the task draws from
+HELD_OUT_SHARE = 0.1  # triples (a, b, c) reserved for evaluation, never seen in training
 
 
-TASKS = ("reverse", "add")
+@functools.lru_cache(maxsize=1)
+def task_words() -> tuple[str, ...]:
+    """Shakespeare's ``TASK_WORDS`` most frequent lower-case words that are one token after a space.
 
-
-def make_task_examples(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS, digits: int = 1) -> list[Example]:
-    """``n`` examples such as ``Reverse: print -> tnirp`` and ``Add: 3 + 4 = 7``, drawn from a seed.
-
-    The defaults are sized for a 1.3M-parameter model fine-tuned for a few hundred steps on a CPU:
-    about a hundred words to reverse and one-digit sums. ``digits=2`` makes the addition harder.
+    Pretraining has seen each of them thousands of times, so the task tests a skill (reordering),
+    not spelling or new embeddings.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    unknown = set(tasks) - set(TASKS)
-    if not tasks or unknown:
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks}")
-    if digits not in (1, 2, 3):
-        raise ValueError(f"digits must be 1, 2 or 3, got {digits}")
+    from minigpt.tokenizer import get_compact_vocab
+
+    vocab = get_compact_vocab()
+    counts: dict[str, int] = {}
+    for word in re.findall(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])", shakespeare_parts()[0]):
+        counts[word] = counts.get(word, 0) + 1
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))
+    return tuple([w for w in ranked if len(w) >= 2 and len(vocab.encode(" " + w)) == 1][:TASK_WORDS])
+
+
+def is_held_out(words: tuple[str, str, str]) -> bool:
+    """Whether a triple belongs to the evaluation split (a fixed ``HELD_OUT_SHARE`` of all triples)."""
+    return _bucket(" ".join(words)) < HELD_OUT_SHARE
+
+
+def make_task_examples(n: int, seed: int = 0, held_out: bool = False) -> list[Example]:
+    """``n`` examples ``Turn not lord you:`` -> ``you lord not`` from a seed.
+
+    Training examples (``held_out=False``) and evaluation examples (``held_out=True``) come from
+    disjoint sets of triples, so a model can only score on evaluation by reordering words it has never
+    seen in that combination: exact match on held-out prompts measures a skill, not a memorised table.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
     rng = random.Random(seed)
-    words = _task_words()
-    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+    words = task_words()
     examples = []
-    for _ in range(n):
-        task = rng.choice(tasks)
-        if task == "reverse":
-            word = rng.choice(words)
-            examples.append(Example(f"Reverse: {word} ->", word[::-1]))
-        else:
-            a, b = rng.randint(low, high), rng.randint(low, high)
-            examples.append(Example(f"Add: {a} + {b} =", str(a + b)))
+    while len(examples) < n:
+        triple = tuple(rng.sample(words, 3))
+        if is_held_out(triple) == held_out:
+            examples.append(Example(f"Turn {' '.join(triple)}:", " ".join(reversed(triple))))
     return examples
+
+
+def encode_examples(examples: list[Example], encode) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the examples, one after another, and a mask that is True on answer tokens only.
+
+    The prompt and the answer are encoded separately, exactly as the model sees them when answering.
+    Training on ``mask`` (loss on the answer, not on the prompt) is the usual instruction-tuning rule.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for e in examples:
+        prompt, answer = encode(e.prompt), encode(f" {e.answer}\n")
+        ids += prompt + answer
+        mask += [False] * len(prompt) + [True] * len(answer)
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
 
 
 def exact_match_accuracy(predictions: list[str], examples: list[Example]) -> float:
@@ -171,14 +253,16 @@ TINY_SHAKESPEARE = RemoteText(
 )
 
 
-def download_text(remote: RemoteText = TINY_SHAKESPEARE, cache_dir: Path | str = CACHE_DIR,
+def download_text(remote: RemoteText = TINY_SHAKESPEARE, cache_dir: Path | str | None = None,
                   timeout: float = 30.0) -> str:
     """Fetch a public corpus once into ``cache_dir`` and return it; the SHA-256 is checked every time.
+
+    ``cache_dir`` defaults to :func:`minigpt.io.cache_dir` (``$MINIGPT_CACHE`` or ``~/.cache/minigpt``).
 
     Offline this raises ``ConnectionError`` saying so; the default corpus (:func:`shakespeare_text`)
     never needs this.
     """
-    path = Path(cache_dir) / remote.filename
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / remote.filename
     if not path.is_file():
         try:
             with urllib.request.urlopen(remote.url, timeout=timeout) as response:
@@ -228,6 +312,26 @@ class TokenWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class MaskedTokenWindows(TokenWindows):
+    """:class:`TokenWindows` whose targets are ``-100`` where ``loss_mask`` is False.
+
+    ``-100`` is ``F.cross_entropy``'s ``ignore_index``: those positions add nothing to the loss, which is
+    how fine-tuning learns a task's answers without learning to predict its prompts.
+    """
+
+    def __init__(self, token_ids, loss_mask, max_length: int, stride: int):
+        super().__init__(token_ids, max_length, stride)
+        self.mask = torch.as_tensor(np.asarray(loss_mask, dtype=bool))
+        if self.mask.shape != self.ids.shape:
+            raise ValueError(f"loss_mask must have one entry per token ({len(self.ids)}), got {tuple(self.mask.shape)}")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = super().__getitem__(index)
+        start = self.starts[index]
+        keep = self.mask[start + 1: start + self.max_length + 1]
+        return inputs, targets.masked_fill(~keep, -100)
+
+
 def train_val_split(token_ids: np.ndarray | list[int], val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """The first ``1 - val_fraction`` of the tokens for training, the rest for validation."""
     if not 0.0 < val_fraction < 1.0:
@@ -238,32 +342,52 @@ def train_val_split(token_ids: np.ndarray | list[int], val_fraction: float = 0.1
 
 
 def make_loader(token_ids, max_length: int, batch_size: int, stride: int | None = None,
-                shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> DataLoader:
-    """A ``DataLoader`` of ``(inputs, targets)`` windows, shuffled reproducibly from ``seed``."""
-    dataset = TokenWindows(token_ids, max_length, stride or max_length)
+                shuffle: bool = True, seed: int = 0, drop_last: bool = True, loss_mask=None) -> DataLoader:
+    """A ``DataLoader`` of ``(inputs, targets)`` windows, shuffled reproducibly from ``seed``.
+
+    With ``loss_mask`` (one bool per token) the targets where it is False are ignored by the loss.
+    """
+    stride = stride or max_length
+    dataset = (TokenWindows(token_ids, max_length, stride) if loss_mask is None
+               else MaskedTokenWindows(token_ids, loss_mask, max_length, stride))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       generator=generator)
 
 
-def course_texts() -> list[str]:
-    """Every text the course trains on, the source of the compact vocabulary."""
-    return [shakespeare_text(), python_docs_text(), "".join(e.text for e in make_task_examples(2000, seed=0))]
+def build_course_vocab(size: int | None = None) -> "CompactVocab":
+    """Rebuild ``data/compact_vocab.json`` from the pretraining texts (deterministic).
 
-
-def build_course_vocab() -> "CompactVocab":
-    """Rebuild ``data/compact_vocab.json`` from the course's texts (deterministic)."""
+    Built from what pretraining reads and nothing else, so every id in the vocabulary is trained.
+    """
     from minigpt.tokenizer import COMPACT_VOCAB_SIZE, build_compact_vocab
 
-    return build_compact_vocab(course_texts(), COMPACT_VOCAB_SIZE)
+    return build_compact_vocab(pretraining_texts(), size or COMPACT_VOCAB_SIZE)
 
 
 @functools.lru_cache(maxsize=4)
 def encoded(name: str) -> np.ndarray:
-    """A course text encoded with the compact vocabulary: ``"shakespeare"``, ``"python_docs"``."""
+    """A course text in compact-vocabulary ids: ``shakespeare_train``, ``shakespeare_val``, ``docs_pretrain``,
+    ``docs_finetune``, ``docs_validation``."""
     from minigpt.tokenizer import get_compact_vocab
 
-    texts = {"shakespeare": shakespeare_text, "python_docs": python_docs_text}
+    texts = {"shakespeare_train": lambda: shakespeare_parts()[0], "shakespeare_val": lambda: shakespeare_parts()[1],
+             **{f"docs_{part}": (lambda part=part: "".join(docs_parts()[part]))
+                for part in ("pretrain", "finetune", "validation")}}
     if name not in texts:
         raise ValueError(f"name must be one of {sorted(texts)}, got {name!r}")
     return np.asarray(get_compact_vocab().encode(texts[name]()), dtype=np.int64)
+
+
+def unseen_share(pretraining_ids: np.ndarray, other_ids: np.ndarray) -> float:
+    """The share of ``other_ids`` (tokens of fine-tuning data) whose id never occurs in ``pretraining_ids``.
+
+    A token that pretraining never saw keeps whatever pretraining did to its (tied) embedding row,
+    typically pushed towards "never predict me"; an adapter on the blocks cannot fix that (chapter 05).
+    """
+    other_ids = np.asarray(other_ids)
+    if other_ids.size == 0:
+        return 0.0
+    seen = np.zeros(int(max(np.max(pretraining_ids), np.max(other_ids))) + 1, dtype=bool)
+    seen[np.asarray(pretraining_ids)] = True
+    return float(1.0 - seen[other_ids].mean())

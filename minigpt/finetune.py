@@ -1,13 +1,18 @@
 """The fine-tuning setup every PEFT chapter shares: data, task, and the three numbers we report.
 
-The pretrained mini GPT knows Shakespeare. Fine-tuning moves it to a new domain, CPython's reference
-documentation, mixed with a small instruction task (``Reverse: python -> nohtyp``, ``Add: 23 + 45 = 68``).
+The pretrained mini GPT knows Shakespeare and has read a quarter of CPython's reference documentation
+(:func:`minigpt.data.docs_parts`). Fine-tuning moves it further into that domain, on the documentation's
+other paragraphs, mixed with a small instruction task built from words it knows well: ``Turn not lord
+you:`` -> ``you lord not`` (:func:`minigpt.data.make_task_examples`), with the loss on the answers only.
 After fine-tuning we measure:
 
 * **domain loss**: next-token loss on held-out documentation (nats per token);
-* **task accuracy**: exact match of greedy answers on freshly sampled task prompts;
+* **task accuracy**: exact match of greedy answers on prompts whose word triples training never saw;
 * **forgetting**: next-token loss on held-out Shakespeare, the original corpus (Biderman et al., 2024,
   "LoRA Learns Less and Forgets Less", arXiv:2405.09673).
+
+Learning rates are chosen on a separate validation set of task prompts (:attr:`FinetuneData.task_val`),
+never on the prompts we report.
 """
 
 from __future__ import annotations
@@ -19,45 +24,60 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minigpt.data import (Example, exact_match_accuracy, make_loader, make_task_examples, python_docs_text,
-                          train_val_split)
+from minigpt.data import (Example, encode_examples, encoded, exact_match_accuracy, make_loader,
+                          make_task_examples, docs_parts)
 from minigpt.tokenizer import get_compact_vocab
 from minigpt.train import evaluate
+
+FINETUNE_CONTEXT = 64  # tokens per training row: a task example is ~9 tokens, a paragraph a few dozen
 
 
 @dataclass(frozen=True)
 class FinetuneData:
-    train_ids: np.ndarray  # documentation paragraphs and task lines, shuffled together
+    train_ids: np.ndarray  # documentation paragraphs and task examples, shuffled together
+    train_mask: np.ndarray  # True where a token counts in the loss: all documentation, task answers only
     domain_val_ids: np.ndarray  # held-out documentation
     shakespeare_val_ids: np.ndarray  # held-out Shakespeare, for forgetting
-    task_eval: tuple[Example, ...]  # held-out task prompts
+    task_val: tuple[Example, ...]  # prompts for choosing learning rates
+    task_eval: tuple[Example, ...]  # prompts we report: triples disjoint from training's
 
 
 @functools.lru_cache(maxsize=2)
-def finetune_data(n_task_examples: int = 12000, n_eval: int = 200, seed: int = 0) -> FinetuneData:
-    """Documentation + task training stream, and the held-out sets; deterministic for a seed."""
-    from minigpt.pretrained import shakespeare_split  # pretrained imports train/model; keep it local
-
+def finetune_data(n_task_examples: int = 12000, n_eval: int = 200, n_val: int = 100, seed: int = 0) -> FinetuneData:
+    """Documentation + task training stream with its loss mask, and the held-out sets; deterministic."""
     vocab = get_compact_vocab()
-    paragraphs = [p + "\n\n" for p in python_docs_text().split("\n\n") if p.strip()]
-    cut = int(len(paragraphs) * 0.9)
-    documents = paragraphs[:cut] + [e.text for e in make_task_examples(n_task_examples, seed=seed)]
+    examples = make_task_examples(n_task_examples, seed=seed)
+    documents = [(p, None) for p in docs_parts()["finetune"]] + [("", e) for e in examples]
     random.Random(seed).shuffle(documents)
-    train_ids = np.asarray(vocab.encode("".join(documents)), dtype=np.int64)
-    domain_val = np.asarray(vocab.encode("".join(paragraphs[cut:])), dtype=np.int64)
-    task_eval = tuple(make_task_examples(n_eval, seed=seed + 1_000_003))
-    return FinetuneData(train_ids, domain_val, shakespeare_split()[1], task_eval)
+    ids, mask = [], []
+    for text, example in documents:
+        if example is None:
+            tokens = np.asarray(vocab.encode(text), dtype=np.int64)
+            ids.append(tokens)
+            mask.append(np.ones(len(tokens), dtype=bool))
+        else:
+            tokens, answer_mask = encode_examples([example], vocab.encode)
+            ids.append(tokens)
+            mask.append(answer_mask)
+    held_out = make_task_examples(n_eval + n_val, seed=seed + 1_000_003, held_out=True)
+    return FinetuneData(np.concatenate(ids), np.concatenate(mask), encoded("docs_validation"),
+                        encoded("shakespeare_val"), tuple(held_out[n_eval:]), tuple(held_out[:n_eval]))
+
+
+def finetune_context(model: torch.nn.Module) -> int:
+    """Row length for fine-tuning a model: ``FINETUNE_CONTEXT``, or the model's context if shorter."""
+    return min(FINETUNE_CONTEXT, model.cfg.context_length)
 
 
 def finetune_loaders(data: FinetuneData, context_length: int, batch_size: int, seed: int = 0):
-    """(train, domain validation, Shakespeare validation) loaders for a model's context length."""
-    return (make_loader(data.train_ids, context_length, batch_size, seed=seed),
+    """(train, domain validation, Shakespeare validation) loaders; training targets are masked."""
+    return (make_loader(data.train_ids, context_length, batch_size, seed=seed, loss_mask=data.train_mask),
             make_loader(data.domain_val_ids, context_length, 32, shuffle=False),
             make_loader(data.shakespeare_val_ids, context_length, 32, shuffle=False))
 
 
 @torch.no_grad()
-def answer(model: torch.nn.Module, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
+def answer(model: torch.nn.Module, prompts: list[str], max_new_tokens: int = 6) -> list[str]:
     """Greedy answers to ``prompts`` (text up to the first newline), batched by prompt length."""
     vocab = get_compact_vocab()
     device = next(model.parameters()).device
@@ -86,7 +106,7 @@ def task_accuracy(model: torch.nn.Module, examples: tuple[Example, ...] | list[E
 
 def measure(model: torch.nn.Module, data: FinetuneData, batch_size: int = 32, max_batches: int = 20) -> dict:
     """Domain loss, forgetting (Shakespeare loss) and task accuracy of a model, in one dictionary."""
-    _, domain_val, shakespeare_val = finetune_loaders(data, model.cfg.context_length, batch_size)
+    _, domain_val, shakespeare_val = finetune_loaders(data, finetune_context(model), batch_size)
     return {"domain_loss": evaluate(model, domain_val, max_batches),
             "shakespeare_loss": evaluate(model, shakespeare_val, max_batches),
             "task_accuracy": task_accuracy(model, data.task_eval)}

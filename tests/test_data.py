@@ -30,22 +30,60 @@ def test_python_docs_is_the_second_domain():
     assert "lambda" in text and "THESEUS" not in text
 
 
-def test_task_examples_are_seeded_and_correct():
+def test_task_examples_are_seeded_correct_and_held_out():
     a, b = data.make_task_examples(50, seed=1), data.make_task_examples(50, seed=1)
     assert a == b and a != data.make_task_examples(50, seed=2)
+    words = set(data.task_words())
     for ex in a:
-        if ex.prompt.startswith("Reverse: "):
-            word = ex.prompt.removeprefix("Reverse: ").removesuffix(" ->")
-            assert ex.answer == word[::-1]
-        else:
-            left, right = ex.prompt.removeprefix("Add: ").removesuffix(" =").split(" + ")
-            assert int(ex.answer) == int(left) + int(right)
+        triple = ex.prompt.removeprefix("Turn ").removesuffix(":").split()
+        assert len(triple) == 3 and set(triple) <= words
+        assert ex.answer.split() == triple[::-1]
+    train = {e.prompt for e in data.make_task_examples(3000, seed=0)}
+    held = {e.prompt for e in data.make_task_examples(300, seed=5, held_out=True)}
+    assert not train & held  # evaluation triples never occur in training
     assert data.exact_match_accuracy([e.answer for e in a], a) == 1.0
     assert data.exact_match_accuracy(["x"] * 50, a) == 0.0
-    with pytest.raises(ValueError, match="tasks"):
-        data.make_task_examples(3, tasks=("sing",))
+    with pytest.raises(ValueError, match="n must"):
+        data.make_task_examples(-1)
     with pytest.raises(ValueError, match="same length"):
         data.exact_match_accuracy([], a)
+
+
+def test_task_words_are_single_known_tokens():
+    from minigpt.tokenizer import get_compact_vocab
+
+    vocab = get_compact_vocab()
+    words = data.task_words()
+    assert len(words) == data.TASK_WORDS
+    assert all(len(vocab.encode(" " + w)) == 1 for w in words)
+
+
+def test_answer_mask_covers_answers_only():
+    from minigpt.tokenizer import get_compact_vocab
+
+    vocab = get_compact_vocab()
+    examples = data.make_task_examples(3, seed=0)
+    ids, mask = data.encode_examples(examples, vocab.encode)
+    assert len(ids) == len(mask)
+    assert vocab.decode(ids) == "".join(e.text for e in examples)
+    answers = vocab.decode(ids[mask])
+    assert answers == "".join(f" {e.answer}\n" for e in examples)
+    loader = data.make_loader(ids, 8, 2, shuffle=False, loss_mask=mask)
+    inputs, targets = next(iter(loader))
+    expected = torch.as_tensor(ids[1:9]).masked_fill(~torch.as_tensor(mask[1:9]), -100)
+    assert torch.equal(targets[0], expected) and torch.equal(inputs[0], torch.as_tensor(ids[:8]))
+
+
+def test_splits_are_disjoint_and_pretraining_covers_finetuning():
+    parts = data.docs_parts()
+    assert not set(parts["pretrain"]) & set(parts["finetune"])
+    assert not set(parts["finetune"]) & set(parts["validation"])
+    sh_train, sh_val = data.shakespeare_parts()
+    assert sh_train + sh_val == data.shakespeare_text()
+    from minigpt.pretrained import unseen_in_finetuning
+
+    assert unseen_in_finetuning() == 0.0  # the committed vocabulary is built from pretraining's texts
+    assert data.unseen_share(np.array([1, 2, 3]), np.array([1, 4, 4, 2])) == 0.5
 
 
 def test_windows_and_split():
@@ -115,7 +153,7 @@ def test_download_text_checks_sha256(tmp_path):
 def test_encoded_corpus_round_trips():
     from minigpt.tokenizer import get_compact_vocab
 
-    ids = data.encoded("python_docs")
-    assert get_compact_vocab().decode(ids[:2000]) == data.python_docs_text()[: len(get_compact_vocab().decode(ids[:2000]))]
+    ids = data.encoded("docs_finetune")
+    assert get_compact_vocab().decode(ids) == "".join(data.docs_parts()["finetune"])
     with pytest.raises(ValueError, match="name"):
         data.encoded("klingon")

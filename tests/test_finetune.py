@@ -10,12 +10,15 @@ from minigpt.tokenizer import get_compact_vocab
 def test_finetune_data_is_deterministic_and_disjoint():
     data = finetune_data()
     assert np.array_equal(data.train_ids, finetune_data.__wrapped__().train_ids)
+    assert data.train_mask.shape == data.train_ids.shape and 0 < data.train_mask.mean() < 1
     vocab = get_compact_vocab()
-    train_text = vocab.decode(data.train_ids[:20000])
-    assert "Reverse: " in train_text or "Add: " in train_text
+    train_text = vocab.decode(data.train_ids)
+    assert "Turn " in train_text
     held_out = vocab.decode(data.domain_val_ids[:200])
-    assert held_out[:100] not in vocab.decode(data.train_ids)
-    assert len(data.task_eval) == 200
+    assert held_out[:100] not in train_text
+    assert len(data.task_eval) == 200 and len(data.task_val) == 100
+    assert not {e.prompt for e in data.task_eval} & {e.prompt for e in data.task_val}
+    assert all(e.prompt not in train_text for e in data.task_eval)
 
 
 class Echo(torch.nn.Module):
@@ -36,10 +39,11 @@ class Echo(torch.nn.Module):
 def test_answer_and_accuracy():
     vocab = get_compact_vocab()
     newline = vocab.encode("\n")[0]
-    assert answer(Echo(newline), ["Add: 1 + 1 =", "Reverse: abc ->"]) == ["", ""]
-    seven = vocab.encode("7")[0]
-    assert answer(Echo(seven), ["Add: 3 + 4 ="], max_new_tokens=1) == ["7"]
-    examples = [Example("Add: 3 + 4 =", "7"), Example("Add: 1 + 1 =", "2")]
-    model = Echo(seven)
-    assert task_accuracy(model, examples) == 0.0  # "77777777" is not "7"
+    assert answer(Echo(newline), ["Turn a b c:", "Turn to be or:"]) == ["", ""]
+    lord = vocab.encode(" lord")[0]
+    assert answer(Echo(lord), ["Turn a b c:"], max_new_tokens=1) == [" lord"]
+    examples = [Example("Turn my lord:", "lord"), Example("Turn a b c:", "c b a")]
+    model = Echo(lord)
+    assert task_accuracy(model, examples) == 0.0  # " lord lord lord ..." is not "lord"
+    assert task_accuracy(Echo(lord), examples[:1] * 2) == 0.0
     assert task_accuracy(GPTModel(GPTConfig.from_preset("micro")), examples) in (0.0, 0.5, 1.0)
