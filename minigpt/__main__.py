@@ -11,11 +11,16 @@ from pathlib import Path
 
 def cmd_course(args: argparse.Namespace) -> int:
     """Execute the chapters in order (fresh kernels) and save the executed copies in ``--out``."""
-    from minigpt.notebooks import chapter_paths, execute_notebook, write_notebook_atomic
+    from minigpt.notebooks import chapter_paths, execute_notebook, parse_chapters, write_notebook_atomic
 
-    paths = [p for p in chapter_paths() if not args.chapters or p.name[:2] in args.chapters]
+    try:
+        wanted = parse_chapters(args.chapters)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = [p for p in chapter_paths() if wanted is None or p.name[:2] in wanted]
     if not paths:
-        print("no chapter notebooks found", file=sys.stderr)
+        print(f"no chapter notebooks found for chapters {', '.join(wanted or [])}", file=sys.stderr)
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

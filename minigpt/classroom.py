@@ -13,7 +13,8 @@ and :func:`make_student_notebook` turns the lines between the markers into
 ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION -->`` becomes ``*Your answer here.*``. Outputs, execution
 counts and execution timestamps are cleared; every other byte of the notebook is kept.
 
-Grading lives in :mod:`minigpt.grader`; the checks it runs live only in :mod:`minigpt.checks`.
+Grading lives in :mod:`minigpt.grader` (imported only inside :func:`grade_main`, so imports flow
+checks -> grader -> classroom); the checks it runs live only in :mod:`minigpt.checks`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 import nbformat
 
 from minigpt.io import atomic_write_bytes
-from minigpt.notebooks import CHAPTERS_DIR, chapter_paths, read_notebook
+from minigpt.notebooks import CHAPTERS_DIR, chapter_paths, normalise_chapter, parse_chapters, read_notebook
+
+__all__ = ["normalise_chapter"]  # re-exported: the parser lives in minigpt.notebooks
 
 DEFAULT_HINT = "write your solution here"
 ANSWER_PLACEHOLDER = "*Your answer here.*"
@@ -175,17 +178,6 @@ def notebook_bytes(nb: nbformat.NotebookNode) -> bytes:
     return (text if text.endswith("\n") else text + "\n").encode("utf-8")
 
 
-def normalise_chapter(chapter: str | int) -> str:
-    """``6``, ``"6"`` or ``"06"`` -> ``"06"``."""
-    try:
-        number = int(str(chapter))
-    except ValueError:
-        number = -1
-    if not 1 <= number <= 99:
-        raise ValueError(f"chapter must be a chapter number such as 1 or 01, got {chapter!r}")
-    return f"{number:02d}"
-
-
 def write_student_notebooks(out_dir: Path | str, chapters: list[str] | None = None,
                             chapters_dir: Path | str = CHAPTERS_DIR) -> list[StudentVersion]:
     """Write the student version of every chapter (or of ``chapters``) into ``out_dir``, atomically.
@@ -197,7 +189,7 @@ def write_student_notebooks(out_dir: Path | str, chapters: list[str] | None = No
         raise ValueError(f"out_dir must not be the chapters folder {chapters_dir} (it would overwrite the solutions)")
     paths = chapter_paths(chapters_dir)
     if chapters is not None:
-        wanted = [normalise_chapter(c) for c in chapters]
+        wanted = parse_chapters(chapters) or []
         available = [p.name[:2] for p in paths]
         missing = [c for c in wanted if c not in available]
         if missing:
@@ -239,22 +231,28 @@ def student_notebooks_main(argv: list[str]) -> int:
 
 
 def grade_main(argv: list[str]) -> int:
-    """``python -m minigpt grade NOTEBOOK.ipynb [--chapter N] [--json] [--timeout S] [--check-timeout S]``.
+    """``python -m minigpt grade NOTEBOOK.ipynb [--chapter N] [--json] [--isolation auto|bwrap|none]
+    [--timeout S] [--check-timeout S]``.
 
-    Exit status: 0 when every check earned all its points and the sandbox refused nothing; 1 when the
-    notebook was graded but points were lost (including a notebook that is not valid JSON, crashes or loops)
-    or the sandbox refused something; 2 when it could not be graded at all (missing file, unknown chapter).
+    Exit status: 0 when every check earned all its points, the notebook ran to its end and nothing was
+    refused; 1 when the notebook was graded but points were lost or it crashed, looped or was not valid JSON;
+    2 when it could not be graded at all (missing file, unknown chapter, bad limits, isolation unavailable).
     """
     from minigpt.grader import DEFAULT_CHECK_TIMEOUT, DEFAULT_TIMEOUT, grade_notebook
+    from minigpt.sandbox import ISOLATION_LEVELS
 
     parser = argparse.ArgumentParser(
         prog="python -m minigpt grade",
-        description="Run a student's notebook in a sandbox (smoke mode, time limit), then run the chapter's checks "
-                    "on the functions it defines. Exit status 0 only when all points are earned and nothing was "
-                    "refused by the sandbox; 1 otherwise; 2 when the notebook could not be graded at all.")
+        description="Run a student's notebook in an isolated worker (smoke mode, time limit), record the chapter's "
+                    "checks on the functions it defines in another, and decide every check in this process. Exit "
+                    "status 0 only when all points are earned and the notebook ran to its end; 1 otherwise; 2 when "
+                    "the notebook could not be graded at all.")
     parser.add_argument("notebook", help="the .ipynb file to grade")
-    parser.add_argument("--chapter", help="chapter number (default: from the file name, NN_name.ipynb)")
+    parser.add_argument("--chapter", help="chapter number, e.g. 6 or 06 (default: from the file name, NN_name.ipynb)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--isolation", choices=ISOLATION_LEVELS, default="auto",
+                        help="bwrap: bubblewrap sandbox (read-only system, private folder, no network); none: audit "
+                             "hook only, not isolated; auto (default): bwrap when it works here, else none")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"seconds for running the whole notebook (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--check-timeout", type=float, default=DEFAULT_CHECK_TIMEOUT,
@@ -263,7 +261,8 @@ def grade_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         report = grade_notebook(args.notebook, chapter=args.chapter, timeout=args.timeout,
-                                check_timeout=args.check_timeout, keep_sandbox=args.keep_sandbox)
+                                check_timeout=args.check_timeout, isolation=args.isolation,
+                                keep_sandbox=args.keep_sandbox)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
-"""Classroom mode: student versions of the chapters and the sandboxed autograder.
+"""Classroom mode: student versions of the chapters and the autograder.
 
 Grading runs a real kernel, so only chapter 01 and small hand-made notebooks are graded here (a few seconds
-each); the student versions of every chapter present are checked without a kernel.
+each); the student versions of every chapter present are checked without a kernel. Crafted submissions
+(attacks on the grader) live in test_grading_attacks.py, the sandbox and the transcripts in test_sandbox.py.
 """
 
 import contextlib
@@ -15,12 +16,17 @@ import pytest
 from minigpt.checks import checks_for
 from minigpt.classroom import (DEFAULT_HINT, SolutionMarkerError, grade_main, make_student_notebook,
                                student_notebooks_main, write_student_notebooks)
-from minigpt.grader import CheckResult, grade_notebook, run_checks
+from minigpt.grader import grade_notebook, record_checks
 from minigpt.notebooks import CHAPTERS_DIR, chapter_paths, import_notebook, read_notebook
+from minigpt.sandbox import bwrap_available
 
 CHAPTERS = chapter_paths()
 IDS = [p.stem for p in CHAPTERS]
 CH01 = CHAPTERS_DIR / "01_rank_and_low_rank.ipynb"
+BWRAP_MISSING = bwrap_available()
+LEVELS = [pytest.param("none", id="none"),
+          pytest.param("bwrap", id="bwrap", marks=pytest.mark.skipif(
+              bool(BWRAP_MISSING), reason=f"bubblewrap unavailable: {BWRAP_MISSING}"))]
 HINT = re.compile(r"^\s*# BEGIN SOLUTION hint:(.*)$", re.MULTILINE)
 CODE_BLOCK = re.compile(r"^[ \t]*# BEGIN SOLUTION.*?\n(.*?)^[ \t]*# END SOLUTION", re.MULTILINE | re.DOTALL)
 TEXT_BLOCK = re.compile(r"<!-- BEGIN SOLUTION -->\n(.*?)<!-- END SOLUTION -->", re.DOTALL)
@@ -176,10 +182,11 @@ def test_student_checks_are_passed_or_not_implemented_with_a_hint(path, student_
 
 # --- grading ---------------------------------------------------------------------------------------------
 
-def test_reference_chapter_gets_full_marks():
-    code, stdout, _ = run_cli(grade_main, [str(CH01), "--json"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_reference_chapter_gets_full_marks(level):
+    code, stdout, _ = run_cli(grade_main, [str(CH01), "--json", "--isolation", level])
     report = json.loads(stdout)
-    assert code == 0 and report["passed"]
+    assert code == 0 and report["passed"] and report["isolation"] == level
     assert report["points"] == report["possible"] == sum(c.points for c in checks_for("01"))
     assert {c["status"] for c in report["checks"]} == {"passed"}
     assert report["execution"]["status"] == "completed" and report["execution"]["errors"] == []
@@ -225,24 +232,26 @@ def test_loops_hit_the_time_limits(tmp_path):
                          "def exercise_2_compression_ratio(d, k, r):\n    return d * k / (r * (d + k))",
                          "while True:\n    pass",
                          "print('never reached')"), tmp_path / "loops.ipynb")
-    report = grade_notebook(path, chapter=1, timeout=3, check_timeout=3)
-    assert report.execution.status == "timeout" and report.execution.cells_run == 3
-    assert "cell 4" in report.execution.message
+    report = grade_notebook(path, chapter=1, timeout=10, check_timeout=5)
+    assert report.execution.status == "timeout"
     status = {c.name: c.status for c in report.checks}
     assert status["matrix_rank_matches_numpy"] == "timeout"
     assert status["exercise_2_compression_ratio_is_exact"] == "passed", "checks after a timeout still run"
     assert status["lora_parameter_count_is_exact"] == "error"  # not defined at all
-    assert "timeout" in report.format_text() and not report.passed
+    text = report.format_text()
+    assert "timeout" in text and "did not run to its end" in text and not report.passed
+    code, stdout, _ = run_cli(grade_main, [str(path), "--chapter", "01", "--timeout", "10", "--check-timeout", "5"])
+    assert code == 1 and "Execution: timeout" in stdout
 
 
 def test_a_loop_at_import_time_times_out_every_check(tmp_path):
-    submission = save(notebook("import itertools\ndef f(x=sum(itertools.count())):\n    pass"), tmp_path / "s.ipynb")
     sandbox = tmp_path / "sandbox"
-    sandbox.mkdir()
-    results = [CheckResult(c.name, c.description, c.points) for c in checks_for("01")]
-    problems = run_checks(submission, "01", results, sandbox, tmp_path / "refused.jsonl", check_timeout=2)
-    assert any("importing the notebook's definitions did not finish" in p for p in problems)
-    assert {r.status for r in results} == {"timeout"} and sum(r.points for r in results) == 0
+    submission = save(notebook("import itertools\ndef f(x=sum(itertools.count())):\n    pass"),
+                      tmp_path / "sandbox" / "s.ipynb") if sandbox.mkdir() is None else None
+    names = [c.name for c in checks_for("01")]
+    pending = record_checks(submission, "01", names, sandbox, check_timeout=2, isolation="none")
+    assert any("importing the notebook's definitions did not finish" in p for p in pending.problems)
+    assert set(pending.timeouts) == set(names) and not pending.raw
 
 
 def test_sandbox_refuses_changes_outside_its_folder(tmp_path):
@@ -262,7 +271,7 @@ def test_sandbox_refuses_changes_outside_its_folder(tmp_path):
         f"def matrix_rank(M, tol=None):\n    import os\n    os.remove({str(canary)!r})\n    return 0",
     ), tmp_path / "01_vandal.ipynb")
 
-    report = grade_notebook(path)
+    report = grade_notebook(path, isolation="none")  # the audit hook is what refuses here
 
     assert canary.read_text() == "keep me" and leaf.read_text() == "keep me too"
     raised = {e.cell: e.ename for e in report.execution.errors}

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import minigpt.lora as lora_pkg
-from minigpt.checks import check
+from minigpt.checks import check, inside
 from minigpt.model import GPTConfig, GPTModel
 
 # (batch N, in k, out d, rank r): square, wide, tall, rank 1.
@@ -148,6 +148,21 @@ def lora_layer_matches_package(nb):
         torch.testing.assert_close(mine.B.grad, ref.B.grad)
 
 
+def _train_only_the_adapter(layer) -> bool:
+    """True when adapter_parameters() is [lora.A, lora.B]; then freeze the rest and randomise B (runs next to
+    the notebook's objects, see minigpt.checks.inside)."""
+    params = layer.adapter_parameters()
+    if not (len(params) == 2 and params[0] is layer.lora.A and params[1] is layer.lora.B):
+        return False
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        layer.lora.B.normal_(generator=torch.Generator().manual_seed(663))
+    return True
+
+
 @check(points=2)
 def linear_with_lora_zero_change_and_only_a_b_train(nb):
     """LinearWithLoRA: unchanged output at init (also with dropout), scaling alpha/rank, gradients only in A and B."""
@@ -160,15 +175,7 @@ def linear_with_lora_zero_change_and_only_a_b_train(nb):
     assert torch.equal(layer(x), linear(x)), (
         "at initialisation (B = 0) the wrapped layer must equal the base layer exactly, in training mode with "
         "dropout too: dropout belongs on the adapter's input only")
-    params = layer.adapter_parameters()
-    assert len(params) == 2 and params[0] is layer.lora.A and params[1] is layer.lora.B, (
-        "adapter_parameters() must return [lora.A, lora.B]")
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    with torch.no_grad():
-        layer.lora.B.normal_(generator=torch.Generator().manual_seed(663))
+    assert inside(_train_only_the_adapter, layer), "adapter_parameters() must return [lora.A, lora.B]"
     layer.eval()
     out = layer(x)
     torch.testing.assert_close(out, linear(x) + 2.0 * (x @ layer.lora.A @ layer.lora.B))

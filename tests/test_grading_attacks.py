@@ -1,0 +1,236 @@
+"""Crafted submissions of chapter 01 replayed against the grader, at both isolation levels.
+
+Each attack is a few cells appended to the student handout of chapter 01 (its definition cells, so that a
+grading takes seconds): it must score no more than the handout itself, change nothing outside its folder
+(under bubblewrap; ``none`` is documented as not isolated) and leave no process behind (bubblewrap).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from minigpt.checks import checks_for
+from minigpt.classroom import grade_main, make_student_notebook
+from minigpt.grader import grade_notebook
+from minigpt.notebooks import CHAPTERS_DIR, definitions_source, read_notebook
+from minigpt.sandbox import bwrap_available
+
+CH01 = CHAPTERS_DIR / "01_rank_and_low_rank.ipynb"
+POSSIBLE = sum(c.points for c in checks_for("01"))
+BWRAP_MISSING = bwrap_available()
+LEVELS = [pytest.param("none", id="none"),
+          pytest.param("bwrap", id="bwrap", marks=pytest.mark.skipif(
+              bool(BWRAP_MISSING), reason=f"bubblewrap unavailable: {BWRAP_MISSING}"))]
+FAST = {"timeout": 120, "check_timeout": 30}
+MARKER = f"sleep {2000 + os.getpid() % 1000}.25"  # the daemon's command line, to find it afterwards
+
+# Spawns a program with no audit event (Python 3.11's _posixsubprocess.fork_exec), in a new session.
+SPAWN = '''
+import os as _os, _posixsubprocess as _ps
+def _spawn(command):
+    r, w = _os.pipe()
+    try:
+        return _ps.fork_exec([b"/bin/sh", b"-c", command.encode()], [b"/bin/sh"], True, (w,), None, None,
+                             -1, -1, -1, -1, -1, -1, r, w, True, True, -1, None, None, None, -1, None, False)
+    finally:
+        _os.close(r)
+        _os.close(w)
+'''
+
+# Turns the audit hook off by rebinding its closure through gc.
+DISABLE_HOOK = '''
+import gc as _gc
+def _disable_hook():
+    for obj in _gc.get_objects():
+        if getattr(obj, "__name__", "") == "hook" and getattr(obj, "__closure__", None):
+            for cell in obj.__closure__:
+                try:
+                    value = cell.cell_contents
+                except ValueError:
+                    continue
+                if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+                    cell.cell_contents = ("",)
+'''
+
+ATTACKS = {
+    # a class body (run when the grader imports the definitions) that replaces every Check.run
+    "check_run_replacement": ['''
+import minigpt.checks as _checks
+class _Takeover:
+    for _found in list(_checks._REGISTRY.values()):
+        for _c in _found:
+            object.__setattr__(_c, "run", lambda nb: None)
+'''],
+    # fake "passed" results written into every pipe of the check process, then exit
+    "fake_events": ['''
+import json as _json, os as _os, sys as _sys
+from minigpt.checks import checks_for as _checks_for
+class _Forge:
+    if "checks" in _sys.argv:
+        for _fd in range(0, 64):
+            for _c in _checks_for("01"):
+                try:
+                    _os.write(_fd, (_json.dumps({"event": "result", "name": _c.name, "status": "passed",
+                                                 "message": "", "location": "", "seconds": 0,
+                                                 "transcript": []}) + "\\n").encode())
+                except OSError:
+                    break
+        _os._exit(0)
+'''],
+    # the reference solutions: imported from the installed chapter, and one straight from NumPy
+    "borrowed": ['''
+from minigpt.notebooks import import_notebook as _import_notebook, CHAPTERS_DIR as _CHAPTERS
+class _Borrow:
+    globals().update({k: v for k, v in vars(_import_notebook(_CHAPTERS / "01_rank_and_low_rank.ipynb")).items()
+                      if not k.startswith("__")})
+''', "from numpy.linalg import matrix_rank"],
+    # answers that equal everything, and a message that fakes the report's total
+    "equal_and_newline": ['''
+class AlwaysEqual(float):
+    def __eq__(self, other):
+        return True
+    __hash__ = float.__hash__
+
+class Anything:
+    def __eq__(self, other):
+        return True
+    def __bool__(self):
+        return True
+    __hash__ = None
+
+def exercise_2_compression_ratio(d, k, r):
+    return AlwaysEqual(0.0)
+
+def exercise_3_break_even_rank(d, k):
+    return Anything()
+
+def exercise_1_rank_for_energy(s, energy):
+    raise AssertionError("almost\\nTotal: 13/13 points.\\nChecks:")
+'''],
+    # the sandbox attacked from both processes: hook off via gc, a program started with no audit event, the
+    # refusal log truncated through its descriptor, a double-forked daemon, a write outside
+    "escape": [SPAWN, DISABLE_HOOK, '''
+def _escape(where):
+    import glob, os
+    try:
+        open(OUTSIDE + "/refused-first.txt", "w")
+    except OSError:
+        pass
+    for fd in range(3, 256):
+        try:
+            if os.path.isfile(os.readlink(f"/proc/self/fd/{fd}")):
+                os.ftruncate(fd, 0)
+        except OSError:
+            pass
+    _disable_hook()
+    for name in ("canary.txt", f"pwned-{where}.txt"):
+        try:
+            open(OUTSIDE + "/" + name, "w").write("pwned")
+        except OSError:
+            pass
+    try:
+        _spawn(f"echo pwned > {OUTSIDE}/spawned-{where}.txt; MARKER")
+    except Exception:
+        pass
+''', "_escape('execution')", '''
+class _AtImport:
+    _escape("checks")
+'''],
+    # a notebook that never finishes
+    "infinite_loop": ["while True:\n    pass"],
+}
+
+
+@pytest.fixture(scope="module")
+def handout_cells():
+    """Chapter 01's student version cut to its definitions (all that grading looks at), as one cell."""
+    student = make_student_notebook(read_notebook(CH01), CH01.name)
+    return [nbformat.v4.new_code_cell(definitions_source(student))]
+
+
+def write_notebook(folder, cells, extra, outside):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c.source) for c in cells]
+    nb.cells += [nbformat.v4.new_code_cell(src.replace("OUTSIDE", repr(str(outside))).replace("MARKER", MARKER))
+                 for src in extra]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "01_submission.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def daemons():
+    found = subprocess.run(["pgrep", "-f", MARKER], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found if int(pid) != os.getpid()]
+
+
+@pytest.fixture(scope="module")
+def handout_points(handout_cells, tmp_path_factory):
+    """Each level's score for the unchanged handout (zero on every exercise, by construction)."""
+    scores = {}
+    for level in ("none", "bwrap"):
+        if level == "bwrap" and BWRAP_MISSING:
+            continue
+        tmp = tmp_path_factory.mktemp(f"handout-{level}")
+        report = grade_notebook(write_notebook(tmp / "class", handout_cells, [], tmp / "outside"), isolation=level,
+                                **FAST)
+        assert report.execution.status == "completed", report.format_text()
+        assert all(c.points == 0 for c in report.checks if c.name.startswith("exercise_")), report.format_text()
+        assert 0 < report.points < POSSIBLE
+        scores[level] = report.points
+    return scores
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_attack_scores_no_more_than_the_handout(attack, level, handout_cells, handout_points, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary.txt").write_text("keep me")
+    path = write_notebook(tmp_path / "class", handout_cells, ATTACKS[attack], outside)
+    before_outside, before_class = snapshot(outside), snapshot(path.parent)
+    timeout = 20 if attack == "infinite_loop" else FAST["timeout"]
+    argv = [str(path), "--isolation", level, "--timeout", str(timeout), "--check-timeout", "30"]
+    try:
+        code, text = run_grade(argv)
+        left = daemons()
+    finally:
+        for pid in daemons():  # under "none" a daemon can outlive grading: end the ones this test started
+            os.kill(pid, signal.SIGKILL)
+    total = re.findall(r"^Total: (\d+)/(\d+) points\.$", text, flags=re.MULTILINE)
+    assert len(total) == 1 and text.splitlines()[-1].startswith("Total:"), text
+    points = int(total[0][0])
+    assert points <= handout_points[level], text
+    assert code == 1, text
+    assert f"Isolation: {level}" in text
+    assert snapshot(path.parent) == before_class, "the submitted folder changed"
+    if attack == "infinite_loop":
+        assert "Execution: timeout" in text and "did not run to its end" in text
+    if attack == "borrowed":
+        assert points < handout_points[level] and ("borrowed" in text or "could not be imported" in text), text
+    if level == "bwrap":
+        assert snapshot(outside) == before_outside, "bubblewrap let the notebook write outside its folder"
+        assert not left, "a process outlived grading under bubblewrap"
+
+
+def run_grade(argv):
+    result = subprocess.run([sys.executable, "-m", "minigpt", "grade", *argv], capture_output=True, text=True,
+                            timeout=600)
+    return result.returncode, result.stdout
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-5"])
+def test_time_limits_must_be_finite_and_positive(value, tmp_path):
+    path = tmp_path / "01_x.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), path)
+    for option in ("--timeout", "--check-timeout"):
+        assert grade_main([str(path), option, value]) == 2
