@@ -76,7 +76,8 @@ class RunSpec:
     alpha: float = DEFAULT_ALPHA
     steps: int = DEFAULT_STEPS
     batch_size: int = BATCH_SIZE
-    curve_every: int | None = None  # evaluate task accuracy and forgetting every this many steps
+    curve_every: int | None = None  # evaluate task accuracy and forgetting every this many steps (None: steps // 4)
+    targets: tuple[str, ...] | None = None  # module names to adapt (None: every linear layer of the blocks)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -89,20 +90,26 @@ class RunSpec:
         check_int("batch_size", self.batch_size, 1)
         if self.curve_every is not None:
             check_int("curve_every", self.curve_every, 1)
+        else:
+            object.__setattr__(self, "curve_every", max(1, self.steps // 4))
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
 
 
-def prepare_model(base: nn.Module, method: str, rank: int, alpha: float, seed: int = 0) -> nn.Module:
-    """A deep copy of ``base`` ready to fine-tune with ``method`` (adapters on every linear but ``lm_head``)."""
+def prepare_model(base: nn.Module, method: str, rank: int, alpha: float, seed: int = 0,
+                  targets: tuple[str, ...] | None = None) -> nn.Module:
+    """A deep copy of ``base`` ready to fine-tune with ``method``: adapters on ``targets`` (default: every
+    linear layer but ``lm_head``), or every weight trainable for ``full``."""
     model = copy.deepcopy(base)
     seed_everything(seed)  # LoRA's random A: the same draw for every adapter method
     if method == "full":
         model.requires_grad_(True)
     elif method in ("lora", "rslora"):
-        replace_linear_with_lora(model, rank, alpha, use_rslora=method == "rslora")
+        replace_linear_with_lora(model, rank, alpha, target_modules=targets, use_rslora=method == "rslora")
     elif method == "pissa":
-        replace_linear_with_pissa(model, rank, alpha)
+        replace_linear_with_pissa(model, rank, alpha, target_modules=targets)
     elif method == "dora":
-        replace_linear_with_dora(model, rank, alpha)
+        replace_linear_with_dora(model, rank, alpha, target_modules=targets)
     else:
         raise UserError(f"method must be one of {METHODS}, got {method!r}")
     return model
@@ -122,18 +129,21 @@ def checkpoint_bytes(model: nn.Module, method: str) -> int:
 def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: int = 20,
              progress: bool = False) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of ``base`` as ``spec`` says; returns the model and its record (uncached)."""
-    model = prepare_model(base, spec.method, spec.rank, spec.alpha, spec.seed)
+    model = prepare_model(base, spec.method, spec.rank, spec.alpha, spec.seed, spec.targets)
     train_loader, _, shakespeare_val = finetune_loaders(data, finetune_context(base), spec.batch_size, seed=spec.seed)
     curve: list[dict] = []
 
+    curve_batches = max(1, eval_batches // 4)  # a cheaper forgetting estimate at the intermediate points
+
     def checkpoint(step: int, current: nn.Module) -> None:
-        curve.append({"step": step, "val_accuracy": task_accuracy(current, data.task_val),
-                      "shakespeare_loss": evaluate(current, shakespeare_val, eval_batches)})
+        if step < spec.steps:
+            curve.append({"step": step, "val_accuracy": task_accuracy(current, data.task_val),
+                          "shakespeare_loss": evaluate(current, shakespeare_val, curve_batches)})
 
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, min_lr=spec.lr / 10, warmup_steps=max(1, spec.steps // 10),
                       weight_decay=WEIGHT_DECAY, seed=spec.seed, device="cpu", progress=progress,
-                      eval_interval=spec.curve_every or spec.steps)
-    history = train(model, train_loader, None, cfg, callback=checkpoint if spec.curve_every else None)
+                      eval_interval=spec.curve_every)
+    history = train(model, train_loader, None, cfg, callback=checkpoint)
     model.eval()
     record = {"method": spec.method, "seed": spec.seed, "lr": spec.lr, "rank": spec.rank, "alpha": spec.alpha,
               "steps": spec.steps, "trainable": count_parameters(model)[0],
@@ -141,10 +151,12 @@ def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: i
               "val_accuracy": task_accuracy(model, data.task_val),
               "delta_ratio": delta_ratio(base, model), "seconds": history.seconds,
               "checkpoint_bytes": checkpoint_bytes(model, spec.method),
-              "train_loss_last": sum(history.train_loss[-20:]) / len(history.train_loss[-20:])}
-    if spec.curve_every:
-        record["curve"] = [{"step": 0, "val_accuracy": task_accuracy(base, data.task_val),
-                            "shakespeare_loss": evaluate(base, shakespeare_val, eval_batches)}, *curve]
+              "train_loss_last": sum(history.train_loss[-20:]) / len(history.train_loss[-20:]),
+              "train_loss": history.train_loss}
+    record["curve"] = [{"step": 0, "val_accuracy": task_accuracy(base, data.task_val),
+                        "shakespeare_loss": evaluate(base, shakespeare_val, curve_batches)}, *curve,
+                       {"step": spec.steps, "val_accuracy": record["val_accuracy"],
+                        "shakespeare_loss": evaluate(model, shakespeare_val, curve_batches)}]
     return model, record
 
 
@@ -176,8 +188,7 @@ class Lab:
         if self.smoke:
             changes.setdefault("steps", SMOKE_STEPS)
             changes.setdefault("batch_size", SMOKE_BATCH_SIZE)
-            if changes.get("curve_every"):
-                changes["curve_every"] = 2
+            changes.pop("curve_every", None)
         return RunSpec(method, lr, seed, **changes)
 
     def before(self) -> dict:
@@ -186,10 +197,17 @@ class Lab:
             self._before = measure(self.base, self.data, max_batches=self.eval_batches)
         return self._before
 
+    def _path(self, spec: RunSpec) -> Path:
+        key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+        return self.folder / f"{spec.method}-{key}.json"
+
+    def _store(self, spec: RunSpec, record: dict) -> None:
+        if self.cache:
+            atomic_write_bytes(self._path(spec), json.dumps(record).encode())
+
     def run(self, spec: RunSpec) -> dict:
         """The record of ``spec``, from the cache when this exact run was done before."""
-        key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
-        path = self.folder / f"{spec.method}-{key}.json"
+        path = self._path(spec)
         if self.cache and path.is_file():
             try:
                 return json.loads(path.read_text())
@@ -197,9 +215,15 @@ class Lab:
                 pass  # a damaged cache entry is recomputed and replaced
         _, record = finetune(self.base, spec, self.data, self.eval_batches, self.progress)
         record.update({f"{key}_before": value for key, value in self.before().items()})
-        if self.cache:
-            atomic_write_bytes(path, json.dumps(record).encode())
+        self._store(spec, record)
         return record
+
+    def model(self, spec: RunSpec) -> nn.Module:
+        """The fine-tuned model of ``spec`` (trained now: weights are not cached, records are)."""
+        model, record = finetune(self.base, spec, self.data, self.eval_batches, self.progress)
+        record.update({f"{key}_before": value for key, value in self.before().items()})
+        self._store(spec, record)
+        return model
 
     def tune(self, method: str, grid: tuple[float, ...] | None = None, **changes) -> tuple[float, list[dict]]:
         """Seed 0 at every learning rate of ``grid``; the best by validation accuracy (ties: lower train loss)."""
