@@ -10,6 +10,11 @@ feature, so ``m`` has one entry per output feature. ``nn.Linear`` stores the tra
 paper's columns are the rows here: the norm is taken over the input dimension, ``norm(dim=1)``, giving
 ``magnitude`` of shape ``(out_features,)`` as in the authors' code and PEFT. (Some from-scratch write-ups
 normalise an (out, in) weight over ``dim=0``, i.e. per input feature; that is a different method.)
+
+An all-zero row of ``W0 + ΔW`` (real checkpoints have them: Llama-3.1-8B's ``o_proj``, peft#2049) has no
+direction, and ``m / ||·||`` would be 0/0 = NaN. We floor the norm at ``ε = torch.finfo(dtype).tiny`` (about
+1.2e-38 in float32): such a row starts with magnitude ε and gives the base layer's output (its bias), and
+every other row is computed exactly as without the floor. PEFT 0.21 returns NaN there.
 """
 
 from __future__ import annotations
@@ -20,27 +25,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.lora import (LinearWithLoRA, _check_alpha, _check_bool, _check_dropout, _check_init,
-                          register_adapter_method, replace_linear_with_adapter)
+from minigpt.lora import LinearWithLoRA, check_flag, check_lora_args, mergeable_weight, replace_linear_with_adapter
 
 
-def _base_weight(linear: nn.Module) -> torch.Tensor:
-    weight = getattr(linear, "weight", None)
-    if not isinstance(weight, torch.Tensor):  # QuantizedLinear's .weight is a dequantised tensor: fine
-        raise TypeError(f"DoRA needs the base layer's weight (a .weight tensor); {type(linear).__name__} has none")
-    return weight
-
-
-@register_adapter_method
 class LinearWithDoRA(LinearWithLoRA):
     """DoRA layer (eq. (5)): ``linear``, a LoRA update ``lora`` and a trainable ``magnitude`` (out_features,).
 
-    The forward follows PEFT so that it stays right with dropout and leaves the bias alone: with
-    ``x_d = dropout(x)`` and ``g = m / ||W0 + ΔW||`` (per output feature),
+    With ``g = m / ||W0 + ΔW||`` per output feature, eq. (5) is ``W' x + b = g ⊙ (W0 x + ΔW x) + b``. The
+    forward computes it from the frozen path's output ``linear(x) = W0 x + b``, as PEFT does:
 
-        out = linear(x) + (g − 1) · (x_d W0ᵀ) + g · lora(x_d).
+        out = linear(x) + (g − 1) ⊙ W0 x + g ⊙ lora(x),
 
-    Without dropout this is ``g · (W0 + ΔW) x + b``, i.e. ``W' x + b`` with the bias not rescaled.
+    reusing ``W0 x = linear(x) − b`` instead of a second matmul with ``W0`` (an optimisation; with dropout
+    active, ``W0`` must see the dropped-out input, so it is recomputed). The bias is not rescaled.
     ``detach_norm=True`` treats the norm as a constant in backpropagation (section 4.3, which saves memory
     with little loss in accuracy); ``False`` lets the gradient flow through it. The forward value is the same.
     """
@@ -49,50 +46,51 @@ class LinearWithDoRA(LinearWithLoRA):
 
     def __init__(self, linear: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  detach_norm: bool = True, init: str = "kaiming"):
-        detach_norm = _check_bool(detach_norm, "detach_norm")
-        weight = _base_weight(linear)
         super().__init__(linear, rank, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         self.detach_norm = detach_norm
+        self.config["detach_norm"] = detach_norm
         with torch.no_grad():
-            norm = self.weight_norm(weight.detach().float())
-        self.magnitude = nn.Parameter(norm.to(self.lora.A.device))
+            self.magnitude = nn.Parameter(self.weight_norm(linear.weight.detach().float()).to(self.lora.A.device))
         self.register_buffer("merged_norm", None, persistent=False)  # the norm used by merge, for unmerge
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||W0 + ΔW||`` per output feature (the paper's column norm = a row norm of the (out, in) weight)."""
-        return torch.linalg.norm(weight + self.delta_weight().to(weight.dtype), dim=1)
+        """``||W0 + ΔW||`` per output feature (the paper's column norm = a row norm of the (out, in) weight),
+        floored at the dtype's smallest normal number so that an all-zero row does not divide 0 by 0."""
+        norm = torch.linalg.norm(weight + self.delta_weight().to(weight.dtype), dim=1)
+        return norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)  # W0 x + b: the frozen path
         if self.merged:
-            return self.linear(x)
-        out = self.linear(x)
+            return out
         x_d = self.dropout(x.to(self.lora.A.dtype))  # adapter maths in the adapter's dtype (float32)
-        weight = _base_weight(self.linear).to(x_d.dtype)
-        # BEGIN SOLUTION hint: norm = ||W0 + ΔW|| per output row (detached if self.detach_norm); g = magnitude / norm
-        norm = self.weight_norm(weight)
-        if self.detach_norm:
-            norm = norm.detach()
+        # BEGIN SOLUTION hint: g = magnitude / ||W0 + ΔW|| per output row (norm detached if self.detach_norm)
+        if self.detach_norm:  # section 4.3: the norm is a constant for backpropagation, so build no graph for it
+            with torch.no_grad():
+                norm = self.weight_norm(self.linear.weight.to(x_d.dtype))
+        else:
+            norm = self.weight_norm(self.linear.weight.to(x_d.dtype))
         g = self.magnitude / norm
-        return out + ((g - 1) * F.linear(x_d, weight) + g * self.lora(x_d)).to(out.dtype)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base = out.to(x_d.dtype) if self.linear.bias is None else (out - self.linear.bias).to(x_d.dtype)
+        else:  # dropout active: W0 must see the same dropped-out input as the adapter
+            base = F.linear(x_d, self.linear.weight.to(x_d.dtype))
+        return out + ((g - 1) * base + g * self.lora(x_d)).to(out.dtype)
         # END SOLUTION
 
     def merge(self) -> None:
         """``W <- m · (W + ΔW) / ||W + ΔW||`` in place; keeps the norm so :meth:`unmerge` can undo it."""
-        weight = self._check_can_merge()
+        weight = mergeable_weight(self, merged=False)
         with torch.no_grad():
-            delta = self.delta_weight().to(weight.dtype)
-            norm = torch.linalg.norm(weight + delta, dim=1)
-            zero = torch.nonzero(norm == 0).flatten().tolist()
-            if zero:
-                raise ValueError(f"cannot merge DoRA: rows {zero} of W + ΔW have zero norm, so the direction "
-                                 "V/||V|| is undefined")
-            weight.copy_((self.magnitude / norm).to(weight.dtype)[:, None] * (weight + delta))
+            norm = self.weight_norm(weight)
+            weight.copy_((self.magnitude / norm).to(weight.dtype)[:, None]
+                         * (weight + self.delta_weight().to(weight.dtype)))
         self.merged_norm = norm
         self.merged = True
 
     def unmerge(self) -> None:
         """``W <- W' · ||W0 + ΔW|| / m − ΔW`` with the norm saved by :meth:`merge`."""
-        weight = self._check_can_unmerge()
+        weight = mergeable_weight(self, merged=True)
         zero = torch.nonzero(self.magnitude == 0).flatten().tolist()
         if zero:
             raise ValueError(f"cannot unmerge DoRA: magnitude entries {zero} are zero, so the merged rows no "
@@ -103,15 +101,12 @@ class LinearWithDoRA(LinearWithLoRA):
         self.merged_norm = None
         self.merged = False
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return [self.lora.A, self.lora.B, self.magnitude]
 
-    def adapter_config(self) -> dict:
-        return {**super().adapter_config(), "detach_norm": self.detach_norm}
-
-    @classmethod
-    def expected_adapter_shapes(cls, in_features: int, out_features: int, rank: int) -> dict[str, tuple[int, ...]]:
-        return {**super().expected_adapter_shapes(in_features, out_features, rank), "magnitude": (out_features,)}
+def check_dora_target(name: str, linear: nn.Module) -> None:
+    """DoRA's magnitude and norm need the base layer's weight (a tensor; a quantised base's dequantised one)."""
+    if not isinstance(getattr(linear, "weight", None), torch.Tensor):
+        raise TypeError(f"DoRA needs the base layer's weight (a .weight tensor); {name!r} is a "
+                        f"{type(linear).__name__} without one")
 
 
 def replace_linear_with_dora(model: nn.Module, rank: int, alpha: float,
@@ -121,11 +116,7 @@ def replace_linear_with_dora(model: nn.Module, rank: int, alpha: float,
     """Wrap linear layers in :class:`LinearWithDoRA`, in place (same selection rules as
     :func:`minigpt.lora.replace_linear_with_lora`); returns ``model``. ``freeze=True`` leaves A, B and the
     magnitudes trainable."""
-    _check_alpha(alpha), _check_dropout(dropout), _check_bool(use_rslora, "use_rslora")
-    _check_bool(detach_norm, "detach_norm"), _check_init(init)
-
-    def factory(linear: nn.Module) -> LinearWithDoRA:
-        return LinearWithDoRA(linear, rank, alpha, dropout=dropout, use_rslora=use_rslora,
-                              detach_norm=detach_norm, init=init)
-
-    return replace_linear_with_adapter(model, factory, rank, target_modules, exclude, freeze)
+    args = check_lora_args(rank, alpha, dropout, use_rslora, init)
+    detach_norm = check_flag(detach_norm, "detach_norm")
+    return replace_linear_with_adapter(model, lambda linear: LinearWithDoRA(linear, **args, detach_norm=detach_norm),
+                                       args["rank"], target_modules, exclude, freeze, check=check_dora_target)

@@ -158,15 +158,9 @@ class GPTModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int, torch.int32):
-            raise ValueError(f"idx must be integer token ids of shape (batch, time), got {tuple(idx.shape)} "
-                             f"{idx.dtype}")
+        if idx.device.type == "cpu":  # free on the CPU; on a GPU it would cost a host sync per call
+            check_token_ids(idx, self.cfg.vocab_size, self.cfg.context_length)
         B, T = idx.shape
-        if T > self.cfg.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
-                             f"{int(idx.min())}..{int(idx.max())}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
@@ -176,3 +170,17 @@ class GPTModel(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters counted once even when shared (the tied head adds nothing)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int, context_length: int) -> None:
+    """Refuse what ``GPTModel`` cannot read: not (batch, time) integer ids, too long, or ids outside the vocabulary.
+
+    The range check reads the values, which on a GPU means waiting for it, so ``GPTModel.forward`` runs it on
+    CPU tensors only; on CUDA an out-of-range id still fails loudly (a device-side assert in the embedding).
+    """
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int, torch.int32):
+        raise ValueError(f"idx must be integer token ids of shape (batch, time), got {tuple(idx.shape)} {idx.dtype}")
+    if idx.shape[1] > context_length:
+        raise ValueError(f"sequence length {idx.shape[1]} exceeds context_length {context_length}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got {int(idx.min())}..{int(idx.max())}")

@@ -16,22 +16,14 @@ does. The residual is computed by subtraction so that ``W_res + s·(A B)ᵀ`` re
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 
-from minigpt.lora import (LinearWithLoRA, LoRALayer, _check_alpha, _check_bool, _check_dropout, _check_rank,
-                          _real_weight, _set_submodule, adapter_layers, register_adapter_method, replace_linear_with_adapter)
-
-
-def _check_niter(niter: object) -> int | None:
-    if niter is None:
-        return None
-    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
-        raise ValueError(f"niter must be None (exact SVD) or an integer >= 0 (randomised SVD iterations), "
-                         f"got {niter!r}")
-    return niter
+from minigpt.lora import (LinearWithLoRA, adapter_layers, check_lora_args, replace_linear_with_adapter,
+                          set_submodule)
 
 
 def pissa_init(weight: torch.Tensor, rank: int, scaling: float = 1.0,
@@ -45,15 +37,9 @@ def pissa_init(weight: torch.Tensor, rank: int, scaling: float = 1.0,
     torch (``torch.manual_seed``) beforehand for a reproducible result. The SVD runs in float32 even for
     float16/bfloat16 weights.
     """
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.ndim != 2:
-        got = f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) \
-            else type(weight).__name__
-        raise TypeError(f"weight must be a 2-D floating-point tensor (out_features, in_features), got {got}")
-    out_features, in_features = weight.shape
-    _check_rank(rank, in_features, out_features)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not (math.isfinite(scaling) and scaling > 0):
-        raise ValueError(f"scaling must be a positive finite number, got {scaling!r}")
-    niter = _check_niter(niter)
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"PiSSA's rank must be in [1, min(out_features, in_features)] = [1, {min(weight.shape)}] "
+                         f"(the SVD has no more directions), got {rank}")
     w = weight.detach().float()
     if niter is None:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
@@ -77,14 +63,13 @@ def pissa_to_lora_weights(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor,
     return torch.cat([A, A0], dim=1), torch.cat([B, -B0], dim=0)
 
 
-@register_adapter_method
 class LinearWithPiSSA(LinearWithLoRA):
     """A LoRA layer whose adapter starts as the weight's principal rank-r part and whose base is the residual.
 
-    The output at initialisation equals the original layer's to float precision. Caution: after wrapping,
-    ``self.linear`` holds the RESIDUAL weight, not the pretrained one; running the base without the adapter
-    (or dropping the adapter) is NOT the original model. Use :func:`pissa_to_lora` to get an adapter for the
-    original weights. The initial ``A0``/``B0`` are kept as buffers for that conversion. The residual
+    The forward is LoRA's; only the start differs. The output at initialisation equals the original layer's to
+    float precision. Caution: after wrapping, ``self.linear`` holds the RESIDUAL weight, not the pretrained one;
+    running the base without the adapter is NOT the original model. Use :func:`pissa_to_lora` to get an adapter
+    for the original weights. The initial ``A0``/``B0`` are kept as buffers for that conversion. The residual
     replaces ``linear.weight`` with a new Parameter, so a weight tied to another module (e.g. an embedding)
     is untied and that module keeps the original values.
     """
@@ -93,36 +78,45 @@ class LinearWithPiSSA(LinearWithLoRA):
 
     def __init__(self, linear: nn.Module, rank: int, alpha: float, niter: int | None = None,
                  use_rslora: bool = False, dropout: float = 0.0):
-        niter = _check_niter(niter)
-        weight = _real_weight(linear, "PiSSA initialisation")
         super().__init__(linear, rank, alpha, dropout=dropout, use_rslora=use_rslora)
-        self.niter = niter
-        A, B, residual = pissa_init(weight, rank, self.scaling, niter)
+        A, B, residual = pissa_init(linear.weight, rank, self.scaling, niter)
         with torch.no_grad():
             self.lora.A.copy_(A)
             self.lora.B.copy_(B)
-        linear.weight = nn.Parameter(residual, requires_grad=weight.requires_grad)
+        linear.weight = nn.Parameter(residual, requires_grad=linear.weight.requires_grad)
         self.register_buffer("A0", A.to(self.lora.A.device).clone())
         self.register_buffer("B0", B.to(self.lora.B.device).clone())
+        self.config = dict(rank=rank, alpha=alpha, niter=niter, use_rslora=use_rslora, dropout=dropout)
 
-    def adapter_config(self) -> dict:
-        return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "niter": self.niter,
-                "use_rslora": self.lora.use_rslora, "dropout": self.dropout_p}
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading another ``A0``/``B0`` (a randomised SVD, another machine's SVD signs) moves the residual so
+        that it stays ``W − s·(A0 B0)ᵀ`` for them. A full state dict overwrites ``linear.weight`` afterwards
+        (torch loads a module before its children), so the shift only matters for adapter files."""
+        A0, B0 = state_dict.get(prefix + "A0"), state_dict.get(prefix + "B0")
+        if A0 is not None and B0 is not None:
+            weight = self.linear.weight
+            with torch.no_grad():
+                shift = self.A0 @ self.B0 - A0.to(self.A0) @ B0.to(self.B0)
+                weight.add_((self.scaling * shift.T).to(weight.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    @classmethod
-    def expected_adapter_shapes(cls, in_features: int, out_features: int, rank: int) -> dict[str, tuple[int, ...]]:
-        return {**super().expected_adapter_shapes(in_features, out_features, rank),
-                "A0": (in_features, rank), "B0": (rank, out_features)}
 
-    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load A, B, A0, B0; if A0/B0 differ from ours (e.g. a randomised SVD, or a wrapper just rebuilt on the
-        original weights), move the residual so that it is again ``W − s·(A0 B0)ᵀ`` for the file's A0, B0."""
-        weight = self.linear.weight
-        with torch.no_grad():
-            old = (self.A0 @ self.B0).T
-            new = (tensors["A0"].to(self.A0) @ tensors["B0"].to(self.B0)).T
-            weight.add_((self.scaling * (old - new)).to(weight.dtype))
-        super().load_adapter_state_dict(tensors)
+def check_niter(niter: object) -> int | None:
+    """None (exact SVD) or an integer >= 0 (randomised SVD power iterations)."""
+    if niter is None:
+        return None
+    if isinstance(niter, bool) or not isinstance(niter, numbers.Integral) or niter < 0:
+        raise ValueError(f"niter must be None (exact SVD) or an integer >= 0 (randomised SVD iterations), "
+                         f"got {niter!r}")
+    return int(niter)
+
+
+def check_pissa_target(name: str, linear: nn.Module) -> None:
+    """PiSSA rewrites the base weight, so it needs a real ``nn.Parameter`` (not a quantised base)."""
+    if not isinstance(getattr(linear, "weight", None), nn.Parameter):
+        raise TypeError(f"PiSSA initialisation of {name!r} needs a base layer that stores its weight as an "
+                        f"nn.Parameter (nn.Linear); {type(linear).__name__} does not (a quantised base cannot hold "
+                        "the residual: dequantise it into an nn.Linear first)")
 
 
 def replace_linear_with_pissa(model: nn.Module, rank: int, alpha: float,
@@ -130,21 +124,29 @@ def replace_linear_with_pissa(model: nn.Module, rank: int, alpha: float,
                               dropout: float = 0.0, use_rslora: bool = False,
                               exclude: str | Iterable[str] = ("lm_head",), freeze: bool = True) -> nn.Module:
     """Wrap linear layers in :class:`LinearWithPiSSA`, in place (same selection rules as
-    :func:`minigpt.lora.replace_linear_with_lora`); returns ``model``. With ``niter`` set, seed torch first."""
-    _check_alpha(alpha), _check_dropout(dropout), _check_bool(use_rslora, "use_rslora"), _check_niter(niter)
+    :func:`minigpt.lora.replace_linear_with_lora`); returns ``model``. With ``niter`` set, seed torch first.
+    The rank may not exceed min(in_features, out_features) of any selected layer (the SVD has no more)."""
+    args = check_lora_args(rank, alpha, dropout, use_rslora)
+    args.pop("init")
+    niter = check_niter(niter)
 
-    def factory(linear: nn.Module) -> LinearWithPiSSA:
-        return LinearWithPiSSA(linear, rank, alpha, niter=niter, use_rslora=use_rslora, dropout=dropout)
+    def check(name: str, linear: nn.Module) -> None:
+        check_pissa_target(name, linear)
+        if args["rank"] > min(linear.in_features, linear.out_features):
+            raise ValueError(f"PiSSA's rank must be at most min(in_features, out_features) = "
+                             f"{min(linear.in_features, linear.out_features)} for layer {name!r}, got {args['rank']}")
 
-    return replace_linear_with_adapter(model, factory, rank, target_modules, exclude, freeze)
+    return replace_linear_with_adapter(model, lambda linear: LinearWithPiSSA(linear, **args, niter=niter),
+                                       args["rank"], target_modules, exclude, freeze, check=check)
 
 
 def pissa_to_lora(model: nn.Module) -> nn.Module:
     """Replace every :class:`LinearWithPiSSA` by a rank-2r :class:`LinearWithLoRA` on the ORIGINAL weight
     ``W = W_res + s·(A0 B0)ᵀ``, in place; the outputs are unchanged (see :func:`pissa_to_lora_weights`).
 
-    The LoRA layer keeps PiSSA's scaling ``s`` (its alpha is adjusted for the doubled rank). The result can be
-    saved with :func:`minigpt.lora.save_adapter` and loaded onto the untouched pretrained model.
+    The LoRA layer keeps PiSSA's scaling ``s`` (its alpha is adjusted for the doubled rank); 2r may exceed
+    min(in_features, out_features), which LoRA allows. The result can be saved with
+    :func:`minigpt.adapters.save_adapter` and loaded onto the untouched pretrained model.
     """
     layers = [(name, layer) for name, layer in adapter_layers(model) if isinstance(layer, LinearWithPiSSA)]
     if not layers:
@@ -153,18 +155,17 @@ def pissa_to_lora(model: nn.Module) -> nn.Module:
     if merged:
         raise ValueError(f"PiSSA layers {merged} are merged; call unmerge_lora before pissa_to_lora")
     for name, layer in layers:
-        s, rank, rslora = layer.scaling, layer.rank, layer.lora.use_rslora
+        s, rank, rslora = layer.scaling, layer.lora.rank, layer.lora.use_rslora
         linear = layer.linear
         with torch.no_grad():
             linear.weight.add_((s * (layer.A0 @ layer.B0).T).to(linear.weight.dtype))
             A, B = pissa_to_lora_weights(layer.lora.A, layer.lora.B, layer.A0, layer.B0)
-        lora = LinearWithLoRA(linear, rank, layer.alpha, dropout=layer.dropout_p, use_rslora=rslora)
         alpha = s * (math.sqrt(2 * rank) if rslora else 2 * rank)  # same scaling at twice the rank
-        lora.lora = LoRALayer(layer.in_features, layer.out_features, 2 * rank, alpha, use_rslora=rslora).to(A.device)
+        lora = LinearWithLoRA(linear, 2 * rank, alpha, dropout=layer.config["dropout"], use_rslora=rslora)
         with torch.no_grad():
             lora.lora.A.copy_(A)
             lora.lora.B.copy_(B)
-            lora.lora.A.requires_grad_(layer.lora.A.requires_grad)
-            lora.lora.B.requires_grad_(layer.lora.B.requires_grad)
-        _set_submodule(model, name, lora)
+        lora.lora.A.requires_grad_(layer.lora.A.requires_grad)
+        lora.lora.B.requires_grad_(layer.lora.B.requires_grad)
+        set_submodule(model, name, lora)
     return model

@@ -23,13 +23,13 @@ DOUBLE_QUANT_BLOCK_SIZE = 256  # QLoRA section 3, "Double Quantization": blocks 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _check_method(method: str) -> str:
+def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return method
 
 
-def _check_block_size(block_size: int, name: str = "block_size") -> int:
+def check_block_size(block_size: int, name: str = "block_size") -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"{name} must be a positive integer, got {type(block_size).__name__} {block_size!r}")
     if block_size <= 0:
@@ -37,7 +37,7 @@ def _check_block_size(block_size: int, name: str = "block_size") -> int:
     return block_size
 
 
-def _check_float(w: torch.Tensor, name: str = "w") -> torch.Tensor:
+def check_float_tensor(w: torch.Tensor, name: str = "w") -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -48,17 +48,17 @@ def _check_float(w: torch.Tensor, name: str = "w") -> torch.Tensor:
     return w
 
 
-def _check_shape(shape) -> tuple[int, ...]:
+def check_shape(shape) -> tuple[int, ...]:
     if not isinstance(shape, (tuple, list, torch.Size)) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) or len(shape) == 0:
         raise ValueError(f"shape must be a non-empty tuple of positive integers, got {shape!r}")
     return tuple(shape)
 
 
-def _check_codes(codes: torch.Tensor, scales: torch.Tensor, shape, block_size: int, dtype: torch.dtype,
+def check_codes(codes: torch.Tensor, scales: torch.Tensor, shape, block_size: int, dtype: torch.dtype,
                  codes_per_byte: int) -> tuple[tuple[int, ...], int]:
-    shape = _check_shape(shape)
-    _check_block_size(block_size)
+    shape = check_shape(shape)
+    check_block_size(block_size)
     for name, tensor, expected in (("codes", codes, dtype), ("scales", scales, torch.float32)):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != expected or tensor.ndim != 1:
             got = f"{tensor.dtype} of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) \
@@ -72,7 +72,7 @@ def _check_codes(codes: torch.Tensor, scales: torch.Tensor, shape, block_size: i
     return shape, n_blocks
 
 
-def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     """Flatten, zero-pad to a multiple of block_size, view as (n_blocks, block_size) in float32."""
     flat = w.detach().reshape(-1).float()
     pad = (-flat.numel()) % block_size
@@ -81,7 +81,7 @@ def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return flat.view(-1, block_size)
 
 
-def _safe(absmax: torch.Tensor) -> torch.Tensor:
+def safe_absmax(absmax: torch.Tensor) -> torch.Tensor:
     # an all-zero block has absmax 0; dividing by 1 instead keeps its codes at 0 and avoids 0/0 = NaN
     return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
@@ -95,18 +95,18 @@ def quantize_int8_blockwise(w: torch.Tensor, block_size: int = 64) -> tuple[torc
     ``scales``: float32 ``absmax / 127`` per block, i.e. 1 / c of the paper, so dequantisation (eq. 2)
     is a multiplication. Every element's error is at most half a step, ``absmax / 254``.
     """
-    _check_float(w)
-    _check_block_size(block_size)
-    blocks = _blocks(w, block_size)
+    check_float_tensor(w)
+    check_block_size(block_size)
+    blocks = to_blocks(w, block_size)
     scales = blocks.abs().amax(dim=1) / 127.0
-    codes = torch.round(blocks / _safe(scales)[:, None]).clamp_(-127, 127).to(torch.int8)
+    codes = torch.round(blocks / safe_absmax(scales)[:, None]).clamp_(-127, 127).to(torch.int8)
     return codes.reshape(-1), scales
 
 
 def dequantize_int8_blockwise(codes: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...],
                               block_size: int = 64) -> torch.Tensor:
     """Inverse of :func:`quantize_int8_blockwise` (QLoRA eq. 2: X = X_int8 / c); float32 of ``shape``."""
-    shape, n_blocks = _check_codes(codes, scales, shape, block_size, torch.int8, codes_per_byte=1)
+    shape, n_blocks = check_codes(codes, scales, shape, block_size, torch.int8, codes_per_byte=1)
     values = codes.view(n_blocks, block_size).float() * scales[:, None]
     return values.reshape(-1)[:math.prod(shape)].view(shape)
 
@@ -130,14 +130,14 @@ def nf4_levels() -> torch.Tensor:
     return (levels / levels.max()).float()
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     if codes.numel() % 2:
         codes = F.pad(codes, (0, 1))
     pairs = codes.view(-1, 2)
     return (pairs[:, 0] << 4) | pairs[:, 1]  # first code in the high nibble, as bitsandbytes does
 
 
-def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:n]
 
 
@@ -148,21 +148,21 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     Returns ``codes``: uint8 with two 4-bit level indices per byte (length ``ceil(n_blocks * block_size /
     2)``), and ``absmax``: float32 per block.
     """
-    _check_float(w)
-    _check_block_size(block_size)
-    blocks = _blocks(w, block_size)
+    check_float_tensor(w)
+    check_block_size(block_size)
+    blocks = to_blocks(w, block_size)
     absmax = blocks.abs().amax(dim=1)
     levels = nf4_levels().to(blocks.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
-    indices = torch.bucketize(blocks / _safe(absmax)[:, None], midpoints).to(torch.uint8)
-    return _pack_nibbles(indices.reshape(-1)), absmax
+    indices = torch.bucketize(blocks / safe_absmax(absmax)[:, None], midpoints).to(torch.uint8)
+    return pack_nibbles(indices.reshape(-1)), absmax
 
 
 def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...],
                    block_size: int = 64) -> torch.Tensor:
     """Inverse of :func:`quantize_nf4`: level[code] * absmax of the block; float32 of ``shape``."""
-    shape, n_blocks = _check_codes(codes, absmax, shape, block_size, torch.uint8, codes_per_byte=2)
-    indices = _unpack_nibbles(codes, n_blocks * block_size).long()
+    shape, n_blocks = check_codes(codes, absmax, shape, block_size, torch.uint8, codes_per_byte=2)
+    indices = unpack_nibbles(codes, n_blocks * block_size).long()
     values = nf4_levels().to(codes.device)[indices].view(n_blocks, block_size) * absmax[:, None]
     return values.reshape(-1)[:math.prod(shape)].view(shape)
 
@@ -175,7 +175,7 @@ def double_quantize(absmax: torch.Tensor, block_size: int = DOUBLE_QUANT_BLOCK_S
     symmetrically in blocks of 256. The paper uses 8-bit floats for this second level; we use the int8
     of eq. 1 (same 8 bits, simpler). Returns (int8 codes, float32 scales, float32 mean).
     """
-    _check_float(absmax, "absmax")
+    check_float_tensor(absmax, "absmax")
     mean = absmax.float().mean().reshape(1)
     codes, scales = quantize_int8_blockwise(absmax.float() - mean, block_size)
     return codes, scales, mean
@@ -200,10 +200,10 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, method: str = "nf4",
                  block_size: int = 64, double_quant: bool = False):
         super().__init__()
-        _check_method(method)
-        _check_block_size(block_size)
-        _check_block_size(in_features, "in_features")
-        _check_block_size(out_features, "out_features")
+        check_method(method)
+        check_block_size(block_size)
+        check_block_size(in_features, "in_features")
+        check_block_size(out_features, "out_features")
         if double_quant and method != "nf4":
             raise ValueError(f"double_quant is only available with method='nf4', got method={method!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -231,7 +231,7 @@ class QuantizedLinear(nn.Module):
         """Quantise ``linear.weight`` (bias kept in float32) on the weight's device."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        _check_float(linear.weight, "linear.weight")
+        check_float_tensor(linear.weight, "linear.weight")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, method, block_size,
                     double_quant).to(linear.weight.device)
         quantize = quantize_nf4 if method == "nf4" else quantize_int8_blockwise
@@ -293,8 +293,8 @@ def replace_linear_with_quantized(model: nn.Module, method: str = "nf4", block_s
     ``lm_head`` in float because GPT-2 ties it to the token embedding (quantising it would untie them).
     QLoRA quantises all linear layers of the base model (section 4) and trains LoRA on top.
     """
-    _check_method(method)
-    _check_block_size(block_size)
+    check_method(method)
+    check_block_size(block_size)
     if isinstance(exclude, str) or not all(isinstance(name, str) for name in exclude):
         raise TypeError(f"exclude must be a tuple of module names (str), got {exclude!r}")
     for name, child in model.named_children():
@@ -314,8 +314,8 @@ def quantization_error(w: torch.Tensor, method: str, block_size: int = 64) -> di
     PiSSA (Meng et al., 2024, section 3.3, QPiSSA) compares this error for the full weight with that
     of the residual ``W_res = W - A B`` left after removing the principal singular components.
     """
-    _check_method(method)
-    _check_float(w)
+    check_method(method)
+    check_float_tensor(w)
     if w.ndim != 2:
         raise ValueError(f"w must be a 2-D weight matrix, got shape {tuple(w.shape)}")
     if method == "nf4":

@@ -93,7 +93,7 @@ class History:
     tokens: int = 0
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
     # bf16 keeps float32's exponent range, so no loss scaling is needed (unlike fp16).
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -117,7 +117,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, max_batches: int | None =
     for i, (inputs, targets) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        with _autocast(device):
+        with autocast(device):
             total += loss_fn(model, inputs.to(device), targets.to(device)).item()
         count += 1
     model.train(was_training)
@@ -126,7 +126,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, max_batches: int | None =
     return total / count
 
 
-def _forever(loader: Iterable) -> Iterator:
+def forever(loader: Iterable) -> Iterator:
     while True:
         yield from loader
 
@@ -160,7 +160,7 @@ def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable |
     if resume and checkpoint and Path(checkpoint).is_file():
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
     history = History()
-    batches = _forever(train_loader)
+    batches = forever(train_loader)
     for _ in range(start):  # replay the data order so a resumed run sees the same batches
         next(batches)
     t0 = time.perf_counter()
@@ -171,7 +171,7 @@ def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable |
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = (t.to(device) for t in next(batches))
-        with _autocast(device):
+        with autocast(device):
             loss = loss_fn(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -149,9 +149,9 @@ def lora_layer_matches_package(nb):
 
 
 def _train_only_the_adapter(layer) -> bool:
-    """True when adapter_parameters() is [lora.A, lora.B]; then freeze the rest and randomise B (runs next to
-    the notebook's objects, see minigpt.checks.inside)."""
-    params = layer.adapter_parameters()
+    """True when the adapter holds exactly lora.A and lora.B; then freeze the rest and randomise B (runs
+    next to the notebook's objects, see minigpt.checks.inside)."""
+    params = lora_pkg.adapter_parameters(layer)
     if not (len(params) == 2 and params[0] is layer.lora.A and params[1] is layer.lora.B):
         return False
     for p in layer.parameters():
@@ -175,7 +175,8 @@ def linear_with_lora_zero_change_and_only_a_b_train(nb):
     assert torch.equal(layer(x), linear(x)), (
         "at initialisation (B = 0) the wrapped layer must equal the base layer exactly, in training mode with "
         "dropout too: dropout belongs on the adapter's input only")
-    assert inside(_train_only_the_adapter, layer), "adapter_parameters() must return [lora.A, lora.B]"
+    assert inside(_train_only_the_adapter, layer), (
+        "the adapter (everything but .linear) must hold exactly two parameters, lora.A and lora.B")
     layer.eval()
     out = layer(x)
     torch.testing.assert_close(out, linear(x) + 2.0 * (x @ layer.lora.A @ layer.lora.B))

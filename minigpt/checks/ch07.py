@@ -78,9 +78,9 @@ def lora_from_peft_reproduces_peft(nb):
             reference = _peft_model(rank, alpha, use_rslora, seed=rank)
             inner = reference.base_model.model
             ours_fc, ours_proj = nb.lora_from_peft(inner.fc), nb.lora_from_peft(inner.proj)
-            assert ours_fc.rank == rank and math.isclose(ours_fc.scaling, inner.fc.scaling["default"]), (
+            assert ours_fc.lora.rank == rank and math.isclose(ours_fc.scaling, inner.fc.scaling["default"]), (
                 f"lora_from_peft must keep rank {rank} and PEFT's scaling {inner.fc.scaling['default']:.4f} "
-                f"(use_rslora={use_rslora}); got rank {ours_fc.rank}, scaling {ours_fc.scaling:.4f}")
+                f"(use_rslora={use_rslora}); got rank {ours_fc.lora.rank}, scaling {ours_fc.scaling:.4f}")
             with torch.no_grad():
                 got, want = ours_proj(torch.relu(ours_fc(x))), reference(x)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: (

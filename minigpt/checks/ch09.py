@@ -221,10 +221,11 @@ def saved_tensor_bytes_counts_live_tensors(nb):
 def exercise_1_parameter_count(nb):
     """Exercise 1: DoRA's trainable parameters on one layer equal LinearWithDoRA's adapter parameters."""
     from minigpt.dora import LinearWithDoRA
+    from minigpt.lora import adapter_parameters
 
     for in_features, out_features, rank in SHAPES + ((128, 512, 8),):
         layer = LinearWithDoRA(nn.Linear(in_features, out_features), rank=rank, alpha=2 * rank)
-        want = sum(p.numel() for p in layer.adapter_parameters())
+        want = sum(p.numel() for p in adapter_parameters(layer))
         got = nb.exercise_1_dora_trainable_parameters(in_features, out_features, rank)
         assert got == want, (f"exercise_1_dora_trainable_parameters({in_features}, {out_features}, {rank}) returned "
                              f"{got}; LinearWithDoRA trains {want} (A, B and one magnitude per output feature)")

@@ -11,8 +11,8 @@ import torch
 
 from minigpt.checks import check
 from minigpt.pissa import pissa_init
-from minigpt.quant import (_unpack_nibbles, dequantize_int8_blockwise, dequantize_nf4, nf4_levels,
-                           quantization_error, quantize_int8_blockwise, quantize_nf4)
+from minigpt.quant import (dequantize_int8_blockwise, dequantize_nf4, nf4_levels, quantization_error,
+                           quantize_int8_blockwise, quantize_nf4, unpack_nibbles)
 
 # QLoRA (Dettmers et al., 2023, arXiv:2305.14314), Appendix E: the 16 NF4 values
 PAPER_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -74,7 +74,7 @@ def nearest_level_indices_matches_nf4(nb):
     got = nb.nearest_level_indices(blocks, levels)
     assert tuple(got.shape) == tuple(blocks.shape), (
         f"the result must have x's shape {tuple(blocks.shape)}, got {tuple(got.shape)}")
-    assert torch.equal(got.reshape(-1).long(), _unpack_nibbles(codes, w.numel()).long()), (
+    assert torch.equal(got.reshape(-1).long(), unpack_nibbles(codes, w.numel()).long()), (
         "the indices differ from minigpt.quant.quantize_nf4's codes on normalised N(0,1) blocks")
 
 
