@@ -285,3 +285,39 @@ def test_sandbox_refuses_changes_outside_its_folder(tmp_path):
     text = report.format_text()
     assert "Sandbox: refused 5 operation(s)" in text and str(canary.resolve()) in text
     assert not report.passed
+
+
+# --- one chapter-number parser -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given, wanted", [(["6"], ["06"]), (["06", "7"], ["06", "07"]), ("6-8", ["06", "07", "08"]),
+                                           (["1,3"], ["01", "03"]), ([6], ["06"]), (None, None), ([], None)])
+def test_chapter_numbers_parse_one_way(given, wanted):
+    from minigpt.notebooks import parse_chapters
+
+    assert parse_chapters(given) == wanted
+
+
+@pytest.mark.parametrize("bad", ["x", "0", "100", "8-6", "6.5"])
+def test_bad_chapter_numbers_are_refused(bad):
+    from minigpt.notebooks import normalise_chapter, parse_chapters
+
+    with pytest.raises(ValueError):
+        parse_chapters([bad])
+    with pytest.raises(ValueError):
+        checks_for(bad) if "-" not in bad else normalise_chapter(bad)
+
+
+def test_course_student_notebooks_and_grade_read_chapter_6_alike(tmp_path, monkeypatch):
+    import minigpt.notebooks as notebooks
+    from minigpt.__main__ import main
+
+    ran = []
+    monkeypatch.setattr(notebooks, "execute_notebook", lambda path, **kw: ran.append(path.name) or read_notebook(path))
+    monkeypatch.setattr(notebooks, "write_notebook_atomic", lambda nb, path: None)
+    for spelling in ("6", "06"):
+        ran.clear()
+        code, _, _ = run_cli(main, ["course", "--smoke", "--out", str(tmp_path / "run"), "--chapters", spelling])
+        assert code == 0 and ran == ["06_lora.ipynb"]
+        code, stdout, _ = run_cli(student_notebooks_main, [str(tmp_path / spelling), "--chapters", spelling])
+        assert code == 0 and [p.name for p in (tmp_path / spelling).iterdir()] == ["06_lora.ipynb"]
+    assert [c.name for c in checks_for(6)] == [c.name for c in checks_for("06")]

@@ -44,10 +44,10 @@ def _spawn(command):
 
 # Turns the audit hook off by rebinding its closure through gc.
 DISABLE_HOOK = '''
-import gc as _gc
+import gc as _gc, types as _types
 def _disable_hook():
     for obj in _gc.get_objects():
-        if getattr(obj, "__name__", "") == "hook" and getattr(obj, "__closure__", None):
+        if isinstance(obj, _types.FunctionType) and obj.__closure__ and "sandbox" in obj.__code__.co_filename:
             for cell in obj.__closure__:
                 try:
                     value = cell.cell_contents
@@ -220,6 +220,8 @@ def test_attack_scores_no_more_than_the_handout(attack, level, handout_cells, ha
     if level == "bwrap":
         assert snapshot(outside) == before_outside, "bubblewrap let the notebook write outside its folder"
         assert not left, "a process outlived grading under bubblewrap"
+    elif attack == "escape":  # the attack is real: the audit hook alone does not stop it (README: not isolated)
+        assert {p.name for p in outside.iterdir()} >= {"pwned-execution.txt", "pwned-checks.txt"}
 
 
 def run_grade(argv):

@@ -280,3 +280,30 @@ def test_borrowed_functions_score_zero():
 def test_escape_keeps_one_line():
     text = escape("a\nTotal: 13/13 points.\r\x1b[2J\u2028b\x85")
     assert "\n" not in text and len(text.splitlines()) == 1 and "\\nTotal" in text
+
+
+def test_package_classes_imported_into_chapter_06_score_zero():
+    """``from minigpt.lora import LoRALayer, LinearWithLoRA`` passes every check next to the notebook, and
+    earns nothing: the trusted side reads the notebook's source and the worker reports where the class came from."""
+    from minigpt.checks import checks_for
+    from minigpt.grader import graded_names
+
+    source = "from minigpt.lora import LoRALayer, LinearWithLoRA\n"
+    module = notebook_module(source)
+    nb = types.SimpleNamespace(cells=[types.SimpleNamespace(cell_type="code", source=source)])
+    defined, imported = top_level_names(nb)
+    graded = graded_names("06")
+    assert {"LoRALayer", "LinearWithLoRA"} <= graded
+    lora_checks = [c for c in checks_for("06") if "lora_layer" in c.name or "linear_with_lora" in c.name]
+    assert lora_checks
+    for check in lora_checks:
+        recorder = Recorder(module, "/submission.ipynb")
+        check.run(recorder.root)  # the package's classes pass next to the notebook...
+        raw = {"status": "passed", "transcript": json.loads(json.dumps(recorder.transcript))}
+        status, message, _ = decide(check, raw, graded, defined, imported)
+        assert status == "borrowed" and "is not defined by a def/class" in message, (check.name, message)
+    defined_but_rebound = notebook_module("class LoRALayer:\n    pass\n\nfrom minigpt.lora import LoRALayer\n")
+    recorder = Recorder(defined_but_rebound, "/submission.ipynb")
+    lora_checks[0].run(recorder.root)
+    raw = {"status": "passed", "transcript": json.loads(json.dumps(recorder.transcript))}
+    assert decide(lora_checks[0], raw, graded, {"LoRALayer"}, set())[0] == "borrowed", "the worker's origin report"
