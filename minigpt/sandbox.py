@@ -107,7 +107,8 @@ def sandbox_env(sandbox: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JPY_", "JUPYTER_"))}
     for name, sub in (("MINIGPT_CACHE", "cache"), ("TMPDIR", "tmp"), ("TEMP", "tmp"), ("TMP", "tmp"),
                       ("MPLCONFIGDIR", "config/matplotlib"), ("IPYTHONDIR", "config/ipython"),
-                      ("JUPYTER_RUNTIME_DIR", "config/jupyter"), ("HOME", "home")):
+                      ("JUPYTER_RUNTIME_DIR", "config/jupyter"), ("HOME", "home"), ("XDG_CACHE_HOME", "cache"),
+                      ("TORCHINDUCTOR_CACHE_DIR", "cache/torchinductor"), ("TRITON_CACHE_DIR", "cache/triton")):
         (sandbox / sub).mkdir(parents=True, exist_ok=True)
         env[name] = str(sandbox / sub)
     env["MINIGPT_SMOKE"] = "1"

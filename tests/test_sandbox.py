@@ -41,6 +41,16 @@ def test_isolation_levels(monkeypatch):
     assert sandbox.resolve_isolation("auto") == "bwrap"
 
 
+def test_worker_environment_keeps_caches_inside_the_sandbox(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_root")  # what importing torch._dynamo sets
+    monkeypatch.setenv("JPY_SESSION_NAME", "parent")
+    env = sandbox.sandbox_env(tmp_path)
+    for name in ("TMPDIR", "MINIGPT_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "HOME",
+                 "MPLCONFIGDIR", "IPYTHONDIR", "JUPYTER_RUNTIME_DIR"):
+        assert env[name].startswith(str(tmp_path)), name
+    assert env["MINIGPT_SMOKE"] == "1" and "JPY_SESSION_NAME" not in env
+
+
 def test_audit_hook_refuses_outside_and_logs(tmp_path):
     inside_dir, outside = tmp_path / "box", tmp_path / "outside.txt"
     inside_dir.mkdir()
