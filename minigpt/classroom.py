@@ -31,9 +31,8 @@ from pathlib import Path
 import nbformat
 
 from minigpt.io import atomic_write_bytes
-from minigpt.notebooks import CHAPTERS_DIR, chapter_paths, normalise_chapter, parse_chapters, read_notebook
-
-__all__ = ["normalise_chapter"]  # re-exported: the parser lives in minigpt.notebooks
+from minigpt.notebooks import normalise_chapter  # noqa: F401 - re-exported; the parser lives in minigpt.notebooks
+from minigpt.notebooks import CHAPTERS_DIR, chapter_paths, parse_chapters, read_notebook
 
 DEFAULT_HINT = "write your solution here"
 ANSWER_PLACEHOLDER = "*Your answer here.*"
