@@ -52,14 +52,15 @@ from minigpt.pissa import replace_linear_with_pissa
 from minigpt.train import TrainConfig, evaluate, save_checkpoint, seed_everything, train
 
 METHODS = ("full", "lora", "rslora", "pissa", "dora")
-# One grid for all methods, fine enough (steps of ~1.6x) for LoRA's narrow window of usable rates.
-LR_GRID = (5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 8e-3)
+# One grid for all methods, in steps of 2x: fine enough for LoRA's narrow window of usable rates.
+LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
 SMOKE_LR_GRID = (1e-3, 5e-3)
 DEFAULT_STEPS, SMOKE_STEPS = 200, 4
 DEFAULT_RANK, DEFAULT_ALPHA = 16, 32.0
 DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 WEIGHT_DECAY = 0.0
+LAB_VERSION = 1  # part of every cache key: raise it when what a run measures changes
 RECORD_KEYS = ("method", "seed", "lr", "rank", "alpha", "steps", "trainable", "task_accuracy", "val_accuracy",
                "domain_loss", "shakespeare_loss", "shakespeare_loss_before", "delta_ratio", "seconds",
                "checkpoint_bytes", "task_accuracy_before", "domain_loss_before")
@@ -198,7 +199,8 @@ class Lab:
         return self._before
 
     def _path(self, spec: RunSpec) -> Path:
-        key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+        config = {**dataclasses.asdict(spec), "lab": LAB_VERSION, "eval_batches": self.eval_batches}
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"{spec.method}-{key}.json"
 
     def _store(self, spec: RunSpec, record: dict) -> None:
