@@ -34,6 +34,7 @@ from tqdm import tqdm
 from minigpt.dora import replace_linear_with_dora
 from minigpt.lora import merge_lora, replace_linear_with_lora
 from minigpt.model import GPTConfig, GPTModel
+from minigpt.train import choose_device
 
 TRAINING_VARIANTS = ("full", "lora", "peft-lora", "dora", "peft-dora")
 INFERENCE_VARIANTS = ("base", "lora-unmerged", "lora-merged")
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = BenchSettings(**{**settings.__dict__, **overrides})
     try:
         _check_settings(settings)
+        choose_device(args.device)  # 'tpu', or 'cuda' without one, is a usage error, not a traceback
     except ValueError as err:
         parser.error(str(err))
     start = time.perf_counter()

@@ -8,6 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from minigpt.io import UserError, check_float, check_int
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
+                   vocab_size: int | None = None) -> tuple[int, float, int | None]:
+    """The sampling settings as Python numbers, or a :class:`~minigpt.io.UserError` naming the bad one."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+    temperature = check_float("temperature (0 = greedy)", temperature, 0.0)
+    if top_k is not None:
+        top_k = check_int("top_k (None = no limit)", top_k, 1, vocab_size)
+    return max_new_tokens, temperature, top_k
+
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -19,13 +31,7 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    vocab_size = model.cfg.vocab_size
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ValueError(f"top_k must be in [1, {vocab_size}] or None, got {top_k}")
+    max_new_tokens, temperature, top_k = check_sampling(max_new_tokens, temperature, top_k, model.cfg.vocab_size)
     context = model.cfg.context_length
     was_training = model.training
     model.eval()
@@ -58,7 +64,7 @@ def generate_text(model: torch.nn.Module, prompt: str, encode, decode, max_new_t
     device = next(model.parameters()).device
     ids = torch.tensor([encode(prompt)], dtype=torch.long, device=device)
     if ids.shape[1] == 0:
-        raise ValueError("prompt must encode to at least one token")
+        raise UserError("prompt must encode to at least one token (it is empty)")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     out = generate(model, ids, max_new_tokens, temperature, top_k, eos_id, generator)[0, ids.shape[1]:]
     tokens = out.tolist()

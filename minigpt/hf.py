@@ -13,32 +13,40 @@ import json
 import os
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from minigpt.io import atomic_write_bytes
+from minigpt.io import UserError, atomic_write_bytes, cache_dir, read_json, read_safetensors, refuse_non_finite
 from minigpt.model import GPTConfig, GPTModel
 
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 GPT2_REPO = "openai-community/gpt2"
-CACHE_DIR = Path.home() / ".cache" / "minigpt" / "gpt2"
+SHA256_SUFFIX = ".sha256"  # model.safetensors.sha256: the digest checked when the file was downloaded
+
+
+def __getattr__(name: str):
+    if name == "CACHE_DIR":  # computed on access, so that it follows $MINIGPT_CACHE (minigpt.io.cache_dir)
+        return cache_dir("gpt2")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_from_hf(hf_config: dict) -> GPTConfig:
     """Our ``GPTConfig`` from a Hugging Face GPT-2 ``config.json``, refusing variants we do not implement."""
+    if not isinstance(hf_config, dict):
+        raise UserError(f"config.json must hold a JSON object, got {type(hf_config).__name__}")
     if hf_config.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"config.json model_type must be 'gpt2', got {hf_config.get('model_type')!r}")
+        raise UserError(f"config.json model_type must be 'gpt2', got {hf_config.get('model_type')!r}")
     activation = hf_config.get("activation_function", "gelu_new")
     if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
-        raise ValueError(f"activation_function must be GPT-2's tanh GELU ('gelu_new'), got {activation!r}")
+        raise UserError(f"activation_function must be GPT-2's tanh GELU ('gelu_new'), got {activation!r}")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf_config.get(flag, False):
-            raise ValueError(f"config.json sets {flag}=True, which minigpt's GPT-2 does not implement")
+            raise UserError(f"config.json sets {flag}=True, which minigpt's GPT-2 does not implement")
     n_embd = hf_config.get("n_embd", 768)
     if hf_config.get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(f"n_inner must be 4 * n_embd = {4 * n_embd}, got {hf_config['n_inner']}")
+        raise UserError(f"n_inner must be 4 * n_embd = {4 * n_embd}, got {hf_config['n_inner']}")
     return GPTConfig(vocab_size=hf_config.get("vocab_size", 50257),
                      context_length=hf_config.get("n_positions", 1024),
                      n_layer=hf_config.get("n_layer", 12), n_head=hf_config.get("n_head", 12), n_embd=n_embd,
@@ -85,13 +93,21 @@ def load_gpt2(path: Path | str) -> GPTModel:
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: a GPT-2 folder needs config.json and model.safetensors")
-    cfg = config_from_hf(json.loads(config_file.read_text()))
+    try:
+        cfg = config_from_hf(read_json(config_file, "GPT-2 config.json"))
+    except (ValueError, TypeError) as err:  # UserError included; GPTConfig refuses impossible sizes
+        raise UserError(f"{config_file}: {err}") from None
     model = GPTModel(cfg)
-    state = convert_hf_state_dict(load_file(str(weights_file)), cfg)
+    _, tensors = read_safetensors(weights_file, "GPT-2 weights file")
+    refuse_non_finite(tensors, weights_file)
+    try:
+        state = convert_hf_state_dict(tensors, cfg)
+    except ValueError as err:
+        raise UserError(f"{weights_file}: {err}") from None
     expected = model.state_dict()
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_file}: {name} has shape {tuple(tensor.shape)}, "
+            raise UserError(f"{weights_file}: {name} has shape {tuple(tensor.shape)}, "
                              f"config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict(state)
     return model.eval()
@@ -107,17 +123,49 @@ def _fetch(url: str, timeout: float) -> tuple[bytes, str | None]:
                               "the course runs offline with its own small model.") from err
 
 
-def download_gpt2(dest: Path | str = CACHE_DIR, repo: str = GPT2_REPO, revision: str = "main",
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cached_problem(dest: Path, sha256: str | None) -> str | None:
+    """Why the files in ``dest`` cannot be used as they are, or None when they check out."""
+    weights, record = dest / "model.safetensors", dest / ("model.safetensors" + SHA256_SUFFIX)
+    if not weights.is_file() or not (dest / "config.json").is_file():
+        return "not downloaded yet"
+    try:
+        read_json(dest / "config.json", "GPT-2 config.json")
+    except UserError as err:
+        return str(err)
+    expected = sha256 or (record.read_text().strip() if record.is_file() else None)
+    if expected is None:
+        return f"{weights} has no recorded SHA-256 to check it against"
+    digest = _file_sha256(weights)
+    if digest != expected:
+        return f"{weights} has sha256 {digest}, expected {expected} (corrupted or another file)"
+    return None
+
+
+def download_gpt2(dest: Path | str | None = None, repo: str = GPT2_REPO, revision: str = "main",
                   endpoint: str = HF_ENDPOINT, sha256: str | None = None, timeout: float = 60.0) -> Path:
     """Download GPT-2's ``config.json`` and ``model.safetensors`` (about 548 MB) into ``dest``.
 
-    The weights' SHA-256 is checked against ``sha256`` when given, else against the one the Hub publishes
-    for the file; a mismatch leaves nothing behind. Already-downloaded files are checked, not fetched again.
+    ``dest`` defaults to ``gpt2/`` in :func:`minigpt.io.cache_dir`. The weights' SHA-256 is checked
+    against ``sha256`` when given, else against the one the Hub publishes for the file; a mismatch leaves
+    nothing behind. Already-downloaded files are checked against ``sha256`` or the digest recorded at
+    download time (``model.safetensors.sha256``) before they are returned; files that fail the check
+    are downloaded again, with a warning saying why.
     """
-    dest = Path(dest)
+    dest = Path(dest) if dest is not None else cache_dir("gpt2")
     weights = dest / "model.safetensors"
-    if weights.is_file() and (dest / "config.json").is_file() and sha256 is None:
+    problem = _cached_problem(dest, sha256)
+    if problem is None:
         return dest
+    if problem != "not downloaded yet":
+        warnings.warn(f"downloading GPT-2 again: {problem}", stacklevel=2)
     base = f"{endpoint.rstrip('/')}/{repo}/resolve/{revision}"
     config, _ = _fetch(f"{base}/config.json", timeout)
     json.loads(config)  # refuse an HTML error page saved as config.json
@@ -130,6 +178,7 @@ def download_gpt2(dest: Path | str = CACHE_DIR, repo: str = GPT2_REPO, revision:
         raise ValueError(f"model.safetensors has sha256 {digest}, expected {expected}; nothing was written")
     atomic_write_bytes(dest / "config.json", config)
     atomic_write_bytes(weights, data)
+    atomic_write_bytes(dest / ("model.safetensors" + SHA256_SUFFIX), (digest + "\n").encode())
     return dest
 
 

@@ -204,10 +204,10 @@ def sync_notebook(path: Path | str) -> int:
 
 def write_notebook_atomic(nb: nbformat.NotebookNode, path: Path | str) -> None:
     """Write a notebook through a temporary file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    from minigpt.io import atomic_write_bytes
+
+    text = nbformat.writes(nb)
+    atomic_write_bytes(path, (text if text.endswith("\n") else text + "\n").encode("utf-8"))
 
 
 def execute_notebook(path: Path | str, *, smoke: bool = True, timeout: int = 600,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -23,21 +24,28 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm  # plain text bar: renders in saved notebooks and terminals alike
 
-from minigpt.io import atomic_save_file, read_safetensors
+from minigpt.io import (UserError, UserTypeError, atomic_save_file, check_float, check_int, read_safetensors,
+                        refuse_non_finite, tensor_digest)
 from minigpt.model import GPTConfig, GPTModel
+
+
+def check_device_name(requested: str | None) -> str | None:
+    """``requested`` if it names a device the course supports (None = choose), else a clear error."""
+    if requested is not None and (not isinstance(requested, str) or not (
+            requested in {"cpu", "cuda", "mps"} or re.fullmatch(r"cuda:\d+", requested))):
+        raise UserError(f"device must be one of 'cpu', 'cuda', 'cuda:N', 'mps' (or None), got {requested!r}")
+    return requested
 
 
 def choose_device(requested: str | None = None) -> torch.device:
     """``cuda`` when available, else ``cpu``; ``mps`` only when asked for explicitly (with a warning)."""
-    if requested is None:
+    if check_device_name(requested) is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested not in {"cpu", "cuda", "mps"} and not requested.startswith("cuda:"):
-        raise ValueError(f"device must be one of 'cpu', 'cuda', 'cuda:N', 'mps', got {requested!r}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
+        raise UserError(f"device {requested!r} was requested but torch.cuda.is_available() is False")
     if requested == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' was requested but torch.backends.mps.is_available() is False")
+            raise UserError("device 'mps' was requested but torch.backends.mps.is_available() is False")
         warnings.warn("MPS has produced silently wrong losses in reported PyTorch versions; compare a few "
                       "steps with device='cpu' before trusting it", stacklevel=2)
     return torch.device(requested)
@@ -57,7 +65,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max gradient norm; None = no clipping
     eval_interval: int = 100
     eval_batches: int = 20
     seed: int = 123
@@ -65,12 +73,27 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.eval_interval <= 0 or self.eval_batches <= 0:
-            raise ValueError("eval_interval and eval_batches must be positive")
+        """Check every field; NumPy scalars are accepted and stored as Python numbers."""
+        for name, low in (("steps", 0), ("warmup_steps", 0), ("eval_interval", 1), ("eval_batches", 1)):
+            setattr(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), low))
+        self.seed = check_int("TrainConfig.seed", self.seed, 0, 2**32 - 1)  # NumPy's seed range
+        if self.warmup_steps > self.steps:
+            raise UserError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps}); "
+                            f"for a short run pass e.g. warmup_steps={self.steps // 10}")
+        self.lr = check_float("TrainConfig.lr", self.lr, 0.0, strict_min=True)
+        self.min_lr = check_float("TrainConfig.min_lr", self.min_lr, 0.0, self.lr)
+        self.weight_decay = check_float("TrainConfig.weight_decay", self.weight_decay, 0.0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise UserTypeError(f"TrainConfig.betas must be a pair (beta1, beta2), got {self.betas!r}")
+        self.betas = tuple(check_float(f"TrainConfig.betas[{i}]", b, 0.0, 1.0, strict_max=True)
+                           for i, b in enumerate(self.betas))
+        if self.grad_clip is not None:  # a negative clip would reverse the gradients, 0 would zero them
+            self.grad_clip = check_float("TrainConfig.grad_clip (None = no clipping)", self.grad_clip, 0.0,
+                                         strict_min=True)
+        check_device_name(self.device)
+        if not isinstance(self.progress, (bool, np.bool_)):
+            raise UserTypeError(f"TrainConfig.progress must be True or False, got {self.progress!r}")
+        self.progress = bool(self.progress)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay from ``lr`` towards ``min_lr``, reached at step ``steps``."""
@@ -91,6 +114,20 @@ class History:
     lr: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient norm became NaN or inf: the run stops before that update is applied."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, lr: float, loss: float, grad_norm: float, checkpoint=None):
+        saved = (f"; {checkpoint} was not written (a file already there is unchanged)" if checkpoint else "")
+        super().__init__(
+            f"training diverged at step {step} (lr {lr:.3g}): loss {loss:.4g}, gradient norm {grad_norm:.4g}. "
+            f"The model keeps the weights from before this step{saved}. Try a lower learning rate "
+            f"(e.g. lr={lr / 3:.2g}), a longer warm-up or grad_clip=1.0, and check the inputs for NaN.")
+        self.step, self.lr, self.loss, self.grad_norm = step, lr, loss, grad_norm
 
 
 def autocast(device: torch.device):
@@ -144,13 +181,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable | None, cfg: TrainConfig,
           checkpoint: Path | str | None = None, resume: bool = False,
-          stop_after: int | None = None) -> History:
+          stop_after: int | None = None, callback: Callable[[int, torch.nn.Module], None] | None = None) -> History:
     """Train ``model`` for ``cfg.steps`` steps and return the loss history.
 
     With ``checkpoint`` the state (model, optimizer, step) is saved there at the end; with ``resume`` a
     run continues from that file's step, giving the same losses as an uninterrupted run on CPU.
     ``stop_after`` ends this call after that many steps (the schedule still spans ``cfg.steps``), which
-    is how a long run is split into sessions.
+    is how a long run is split into sessions. ``callback(step, model)`` runs every ``cfg.eval_interval``
+    steps (for measurements during training, e.g. a learning-forgetting curve); its time is not counted
+    in ``History.seconds``.
     """
     device = choose_device(cfg.device)
     seed_everything(cfg.seed)
@@ -175,8 +214,10 @@ def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable |
             loss = loss_fn(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   cfg.grad_clip or math.inf).item()  # inf: measure only
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):  # stop before NaN reaches weights
+            raise TrainingDiverged(step, lr, loss.item(), grad_norm, checkpoint)
         optimizer.step()
         history.steps.append(step)
         history.train_loss.append(loss.item())
@@ -187,6 +228,11 @@ def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable |
             history.eval_steps.append(step + 1)
             history.val_loss.append(evaluate(model, val_loader, cfg.eval_batches, device))
             bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
+        if callback is not None and (step + 1) % cfg.eval_interval == 0:
+            paused = time.perf_counter()
+            callback(step + 1, model)
+            model.train()
+            t0 += time.perf_counter() - paused
     history.seconds = time.perf_counter() - t0
     if checkpoint:
         save_checkpoint(checkpoint, model, optimizer, step=end)
@@ -210,8 +256,13 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path | str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     step: int = 0, extra: dict | None = None) -> None:
-    """Save model (+ optimizer state + step) to one safetensors file, atomically."""
+    """Save model (+ optimizer state + step) to one safetensors file, atomically.
+
+    Weights holding NaN or inf are refused (naming the tensor); the metadata records a SHA-256 of the
+    tensors, which :func:`load_checkpoint` verifies.
+    """
     tensors = _model_tensors(model)
+    refuse_non_finite(tensors, f"refusing to save checkpoint {path}")
     meta = {"step": str(step), "format": "minigpt-checkpoint-1", "extra": json.dumps(extra or {})}
     if isinstance(model, GPTModel):
         meta["config"] = json.dumps(model.cfg.to_dict())
@@ -221,13 +272,22 @@ def save_checkpoint(path: Path | str, model: torch.nn.Module, optimizer: torch.o
             for key, value in pstate.items():
                 tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
         meta["optim_groups"] = json.dumps(state["param_groups"])
+    meta["sha256"] = tensor_digest(tensors)
     atomic_save_file(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
 
 def read_checkpoint_metadata(path: Path | str) -> dict:
+    """The checkpoint's metadata with ``config``, ``extra`` and ``optim_groups`` parsed from JSON."""
     meta, _ = read_safetensors(path, "checkpoint", with_tensors=False)
     if meta.get("format") != "minigpt-checkpoint-1":
-        raise ValueError(f"{path} is not a minigpt checkpoint (format={meta.get('format')!r})")
+        raise UserError(f"{path} is not a minigpt checkpoint (format={meta.get('format')!r})")
+    try:
+        meta["step"] = int(meta.get("step", "0"))
+        for key in ("config", "extra", "optim_groups"):
+            if key in meta:
+                meta[key] = json.loads(meta[key])
+    except (ValueError, TypeError) as err:
+        raise UserError(f"checkpoint {path} has unreadable metadata ({err}); the file is damaged") from None
     return meta
 
 
@@ -239,42 +299,50 @@ def load_checkpoint(path: Path | str, model: torch.nn.Module,
     """
     meta = read_checkpoint_metadata(path)
     if isinstance(model, GPTModel) and "config" in meta:
-        saved = json.loads(meta["config"])
+        saved = meta["config"]
         diff = {k: (v, getattr(model.cfg, k, None)) for k, v in saved.items() if getattr(model.cfg, k, None) != v}
         if diff:
-            raise ValueError(f"checkpoint {path} was saved from another config; (saved, model) differ in {diff}")
+            raise UserError(f"checkpoint {path} was saved from another config; (saved, model) differ in {diff}")
     _, tensors = read_safetensors(path, "checkpoint")
+    if "sha256" in meta and tensor_digest(tensors) != meta["sha256"]:
+        raise UserError(f"checkpoint {path} is corrupted: its tensors do not match the SHA-256 recorded when "
+                        "it was saved; delete it and train (or copy) it again")
+    refuse_non_finite(tensors, f"checkpoint {path}")
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     if getattr(getattr(model, "cfg", None), "tie_weights", False):
         state.setdefault("lm_head.weight", state.get("tok_emb.weight"))
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
+        raise UserError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+            raise UserError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
                              f"model expects {tuple(expected[name].shape)}")
     model.load_state_dict(state)
     if optimizer is not None:
         if "optim_groups" not in meta:
-            raise ValueError(f"checkpoint {path} holds no optimizer state")
+            raise UserError(f"checkpoint {path} holds no optimizer state")
         opt_state: dict = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, pid, name = key.split(".", 2)
                 opt_state.setdefault(int(pid), {})[name] = value
-        optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["optim_groups"])})
-    return {"step": int(meta["step"]), "extra": json.loads(meta.get("extra", "{}"))}
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optim_groups"]})
+    return {"step": meta["step"], "extra": meta.get("extra", {})}
 
 
 def load_model(path: Path | str, device: str | None = None) -> GPTModel:
     """Rebuild a ``GPTModel`` from a checkpoint's stored config and weights."""
     meta = read_checkpoint_metadata(path)
-    if "config" not in meta:
-        raise ValueError(f"checkpoint {path} stores no GPTConfig")
-    model = GPTModel(GPTConfig.from_dict(json.loads(meta["config"])))
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"checkpoint {path} stores no GPTConfig")
+    try:
+        cfg = GPTConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as err:
+        raise UserError(f"checkpoint {path} stores an invalid GPTConfig ({err})") from None
+    model = GPTModel(cfg)
     load_checkpoint(path, model)
     return model.to(device or "cpu")
 
