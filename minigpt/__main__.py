@@ -39,13 +39,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Pretrain the tiny GPT on Shakespeare and report losses per token and per character."""
     from dataclasses import replace
 
-    from minigpt.pretrained import SMOKE, TINY, pretrain, shakespeare_split
+    from minigpt.io import check_int
+    from minigpt.pretrained import SMOKE, TINY, pretrain, refuse_overwrite, shakespeare_split, unseen_in_finetuning
     from minigpt.tokenizer import get_compact_vocab
-    from minigpt.train import nats_per_character
+    from minigpt.train import check_device_name, nats_per_character
 
     recipe = SMOKE if args.smoke else TINY
     if args.steps is not None:
-        recipe = replace(recipe, steps=args.steps)
+        recipe = replace(recipe, steps=check_int("--steps", args.steps, 1))
+    check_device_name(args.device)
+    # the default path names the recipe, so a short or smoke run never replaces the 1,000-step model
+    args.out = args.out or f"runs/{recipe.name}.safetensors"
+    refuse_overwrite(args.out, recipe, force=args.force)
     model, history = pretrain(recipe, checkpoint=args.out, device=args.device)
     _, val_ids = shakespeare_split()
     model.to("cpu")
@@ -53,19 +58,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"recipe {recipe.name}: {history.seconds:.0f} s, {history.tokens / history.seconds:,.0f} tokens/s")
     print(f"validation: {result['nats_per_token']:.3f} nats/token, {result['nats_per_char']:.3f} nats/char "
           f"({result['bits_per_char']:.3f} bits/char) over {result['chars']:,} characters")
+    print(f"fine-tuning tokens that pretraining never saw: {100 * unseen_in_finetuning():.2f} % (goal 0)")
     print(f"checkpoint: {args.out}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a checkpoint (default: the course's pretrained tiny model)."""
-    from minigpt.generate import generate_text
+    from minigpt.generate import check_sampling, generate_text
+    from minigpt.io import UserError, check_int
     from minigpt.pretrained import get_pretrained
     from minigpt.tokenizer import get_compact_vocab
     from minigpt.train import load_model
 
-    model = load_model(args.checkpoint) if args.checkpoint else get_pretrained(smoke=args.smoke)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before a model is loaded or trained
+    check_int("--seed", args.seed, 0, 2**63 - 1)
     vocab = get_compact_vocab()
+    if not vocab.encode(args.prompt):
+        raise UserError("--prompt is empty: give at least one character to continue from")
+    model = load_model(args.checkpoint) if args.checkpoint else get_pretrained(smoke=args.smoke)
     print(args.prompt + generate_text(model, args.prompt, vocab.encode, vocab.decode, args.max_new_tokens,
                                       args.temperature, args.top_k, vocab.eot_id, args.seed))
     return 0
@@ -96,7 +107,25 @@ DELEGATED = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user error (bad argument, missing or damaged file) prints one line on stderr and
+    exits with status 2, as argparse does; a traceback means a bug."""
+    from minigpt.io import UserError
+
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except (UserError, OSError) as err:  # OSError: a file missing, unreadable or unwritable; it is named
+        code = getattr(err, "exit_code", 2 if isinstance(err, (FileNotFoundError, IsADirectoryError,
+                                                                 NotADirectoryError, PermissionError)) else 1)
+        command = f" {argv[0]}" if argv and not argv[0].startswith("-") else ""
+        print(f"python -m minigpt{command}: error: {err}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("python -m minigpt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         module, function, _ = DELEGATED[argv[0]]
         return getattr(importlib.import_module(f"minigpt.{module}"), function)(argv[1:])
@@ -111,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=cmd_course)
 
     p = sub.add_parser("train", help=cmd_train.__doc__)
-    p.add_argument("--out", default="runs/tiny.safetensors", help="checkpoint path")
+    p.add_argument("--out", default=None, help="checkpoint path (default: runs/<recipe name>.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds another recipe's model")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
     p.add_argument("--smoke", action="store_true")

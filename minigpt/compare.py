@@ -53,14 +53,14 @@ from minigpt.train import TrainConfig, evaluate, save_checkpoint, seed_everythin
 
 METHODS = ("full", "lora", "rslora", "pissa", "dora")
 # One grid for all methods, in steps of 2x: fine enough for LoRA's narrow window of usable rates.
-LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
+LR_GRID = (1.5e-3, 3e-3, 6e-3, 1.2e-2)
 SMOKE_LR_GRID = (1e-3, 5e-3)
-DEFAULT_STEPS, SMOKE_STEPS = 200, 4
-DEFAULT_RANK, DEFAULT_ALPHA = 16, 32.0
+DEFAULT_STEPS, SMOKE_STEPS = 400, 4
+DEFAULT_RANK, DEFAULT_ALPHA = 32, 64.0  # rank 16 reached ~60 % of full fine-tuning's accuracy in 400 steps, 32 ~85 %
 DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 WEIGHT_DECAY = 0.0
-LAB_VERSION = 1  # part of every cache key: raise it when what a run measures changes
+LAB_VERSION = 3  # part of every cache key: raise it when what a run measures changes
 RECORD_KEYS = ("method", "seed", "lr", "rank", "alpha", "steps", "trainable", "task_accuracy", "val_accuracy",
                "domain_loss", "shakespeare_loss", "shakespeare_loss_before", "delta_ratio", "seconds",
                "checkpoint_bytes", "task_accuracy_before", "domain_loss_before")
@@ -252,10 +252,10 @@ def run_comparison(methods=METHODS, seeds: int = DEFAULT_SEEDS, rank: int = DEFA
     if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
         raise UserError(f"methods must be distinct names from {METHODS}, got {list(methods)}")
     check_int("seeds", seeds, 1)
-    lab = Lab(smoke, cache, progress)
     changes = {"rank": check_int("rank", rank, 1), "alpha": check_float("alpha", alpha, 0.0, strict_min=True)}
     if steps is not None:
         changes["steps"] = check_int("steps", steps, 1)
+    lab = Lab(smoke, cache, progress)  # after the checks: a bad argument must not cost a pretraining run
     records = []
     for method in methods:
         start = time.perf_counter()

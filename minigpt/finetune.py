@@ -1,8 +1,8 @@
 """The fine-tuning setup every PEFT chapter shares: data, task, and the three numbers we report.
 
 The pretrained mini GPT knows Shakespeare and has read a quarter of CPython's reference documentation
-(:func:`minigpt.data.docs_parts`). Fine-tuning moves it further into that domain, on the documentation's
-other paragraphs, mixed with a small instruction task built from words it knows well: ``Turn not lord
+(:func:`minigpt.data.docs_parts`). Fine-tuning moves it further into that domain, on some of the
+documentation's other paragraphs, mixed with a small instruction task built from words it knows well: ``Turn not lord
 you:`` -> ``you lord not`` (:func:`minigpt.data.make_task_examples`), with the loss on the answers only.
 After fine-tuning we measure:
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import random
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ from minigpt.data import (Example, encode_examples, encoded, exact_match_accurac
 from minigpt.tokenizer import get_compact_vocab
 from minigpt.train import evaluate
 
-FINETUNE_CONTEXT = 64  # tokens per training row: a task example is ~9 tokens, a paragraph a few dozen
+FINETUNE_CONTEXT = 32  # tokens per training row: a task example is ~9 tokens, a paragraph a few dozen
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,21 @@ class FinetuneData:
     task_eval: tuple[Example, ...]  # prompts we report: triples disjoint from training's
 
 
+# The mix: 40,000 task examples (about 360 K tokens) and 30 % of the fine-tuning documentation (about 50 K
+# tokens). Measured while designing it: with the whole documentation share the task got too few steps to be
+# learnt in 400 steps; with no documentation at all, fine-tuning destroyed the documentation loss too.
+TASK_EXAMPLES = 40_000
+DOCS_SHARE = 0.3
+
+
 @functools.lru_cache(maxsize=2)
-def finetune_data(n_task_examples: int = 12000, n_eval: int = 200, n_val: int = 100, seed: int = 0) -> FinetuneData:
+def finetune_data(n_task_examples: int = TASK_EXAMPLES, n_eval: int = 200, n_val: int = 100, seed: int = 0,
+                  docs_share: float = DOCS_SHARE) -> FinetuneData:
     """Documentation + task training stream with its loss mask, and the held-out sets; deterministic."""
     vocab = get_compact_vocab()
     examples = make_task_examples(n_task_examples, seed=seed)
-    documents = [(p, None) for p in docs_parts()["finetune"]] + [("", e) for e in examples]
+    paragraphs = [p for p in docs_parts()["finetune"] if zlib.crc32(p.encode()) % 1000 < 1000 * docs_share]
+    documents = [(p, None) for p in paragraphs] + [("", e) for e in examples]
     random.Random(seed).shuffle(documents)
     ids, mask = [], []
     for text, example in documents:

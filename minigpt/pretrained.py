@@ -2,22 +2,26 @@
 
 Chapter 05 trains it (about 3 minutes on 2 CPU cores) and saves it to the cache; the fine-tuning
 chapters call :func:`get_pretrained` and get the same weights back, training them first if needed.
-The cache folder is ``$MINIGPT_CACHE`` or ``~/.cache/minigpt``.
+The cache folder is ``$MINIGPT_CACHE`` or ``~/.cache/minigpt``. A cached file records its recipe, the
+vocabulary's SHA-256 and a hash of its tensors; one that does not match (another recipe, an edited
+vocabulary, flipped bytes, NaN) is trained again, with a warning saying why.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from minigpt.data import encoded, make_loader, train_val_split
+from minigpt.data import encoded, make_loader, unseen_share
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.tokenizer import COMPACT_VOCAB_FILE
-from minigpt.train import History, TrainConfig, load_model, seed_everything, train
+from minigpt.io import UserError, cache_dir
+from minigpt.train import (History, TrainConfig, load_model, read_checkpoint_metadata, save_checkpoint,
+                           seed_everything, train)
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,6 @@ TINY = Recipe(preset="tiny", steps=1000, batch_size=16, lr=3e-3)
 SMOKE = Recipe(preset="micro", steps=30, batch_size=8, lr=3e-3)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINIGPT_CACHE", Path.home() / ".cache" / "minigpt"))
-
-
 def recipe_for(smoke: bool | None = None) -> Recipe:
     if smoke is None:
         from minigpt.notebooks import smoke_mode
@@ -53,33 +53,104 @@ def recipe_for(smoke: bool | None = None) -> Recipe:
     return SMOKE if smoke else TINY
 
 
-def shakespeare_split(val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """Shakespeare in compact-vocabulary ids, split into training and validation tokens."""
-    return train_val_split(encoded("shakespeare"), val_fraction)
+def shakespeare_split() -> tuple[np.ndarray, np.ndarray]:
+    """Shakespeare in compact-vocabulary ids: training part and held-out part (the last tenth)."""
+    return encoded("shakespeare_train"), encoded("shakespeare_val")
+
+
+def pretraining_ids() -> np.ndarray:
+    """What pretraining reads: Shakespeare's training part, then the documentation's pretraining share."""
+    return np.concatenate([encoded("shakespeare_train"), encoded("docs_pretrain")])
+
+
+def unseen_in_finetuning() -> float:
+    """The share of fine-tuning tokens (documentation and task) whose id pretraining never saw; goal 0.
+
+    Such a token's tied embedding row is never trained, except as a target pushed towards "never
+    predict me", and adapters on the blocks cannot repair it (chapter 05 shows the effect).
+    """
+    from minigpt.data import encode_examples, make_task_examples
+    from minigpt.tokenizer import get_compact_vocab
+
+    task, _ = encode_examples(make_task_examples(1000) + make_task_examples(200, held_out=True),
+                              get_compact_vocab().encode)
+    finetuning = np.concatenate([encoded("docs_finetune"), encoded("docs_validation"), task])
+    return unseen_share(pretraining_ids(), finetuning)
 
 
 def pretrain(recipe: Recipe = TINY, progress: bool = True, checkpoint: Path | str | None = None,
              device: str | None = None) -> tuple[GPTModel, History]:
-    """Train a fresh model on Shakespeare following ``recipe``; returns the model and its history."""
+    """Train a fresh model on :func:`pretraining_ids` following ``recipe``; returns the model and its history.
+
+    The validation loss it reports is on held-out Shakespeare.
+    """
     cfg = GPTConfig.from_preset(recipe.preset)
     seed_everything(recipe.seed)
     model = GPTModel(cfg)
-    train_ids, val_ids = shakespeare_split()
+    train_ids, val_ids = pretraining_ids(), shakespeare_split()[1]
     train_loader = make_loader(train_ids, cfg.context_length, recipe.batch_size, seed=recipe.seed)
     val_loader = make_loader(val_ids, cfg.context_length, 32, shuffle=False)
     history = train(model, train_loader, val_loader,
                     TrainConfig(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10,
                                 warmup_steps=min(50, recipe.steps // 10), eval_interval=max(1, recipe.steps // 10),
-                                eval_batches=10, seed=recipe.seed, device=device, progress=progress),
-                    checkpoint=checkpoint)
+                                eval_batches=10, seed=recipe.seed, device=device, progress=progress))
+    if checkpoint:  # written only after a finished run: a diverged one raises above and leaves the file
+        save_checkpoint(checkpoint, model, step=recipe.steps, extra=recipe_metadata(recipe))
     return model, history
 
 
+def vocab_fingerprint() -> str:
+    return hashlib.sha256(COMPACT_VOCAB_FILE.read_bytes()).hexdigest()
+
+
+def recipe_metadata(recipe: Recipe) -> dict:
+    """What a pretrained checkpoint records about itself (its ``extra`` metadata)."""
+    return {"recipe": recipe.name, "recipe_fields": asdict(recipe), "vocab_sha256": vocab_fingerprint()}
+
+
+def checkpoint_recipe(path: Path | str) -> str | None:
+    """The recipe name a checkpoint records, or None for a checkpoint without one."""
+    extra = read_checkpoint_metadata(path).get("extra")
+    return extra.get("recipe") if isinstance(extra, dict) else None
+
+
+def refuse_overwrite(path: Path | str, recipe: Recipe, force: bool = False) -> None:
+    """Refuse to replace a file at ``path`` unless it is a checkpoint of ``recipe`` (or ``force``)."""
+    path = Path(path)
+    if force or not path.exists():
+        return
+    try:
+        saved = checkpoint_recipe(path)
+    except (UserError, OSError):
+        saved = None
+    if saved != recipe.name:
+        held = f"a checkpoint of recipe {saved}" if saved else "a file that is not a checkpoint of this recipe"
+        raise UserError(f"{path} already holds {held}; this run is recipe {recipe.name}. Choose another "
+                        "output path (--out), or pass --force to replace it")
+
+
+def load_pretrained(path: Path | str, recipe: Recipe, device: str | None = None) -> GPTModel:
+    """A cached checkpoint of ``recipe``, verified: recipe, vocabulary, tensor hash, finite weights."""
+    extra = read_checkpoint_metadata(path).get("extra")
+    extra = extra if isinstance(extra, dict) else {}
+    if extra.get("recipe") != recipe.name:
+        raise UserError(f"{path} records recipe {extra.get('recipe')!r}, not {recipe.name!r}")
+    if extra.get("vocab_sha256") != vocab_fingerprint():
+        raise UserError(f"{path} was trained with another compact vocabulary than {COMPACT_VOCAB_FILE}")
+    return load_model(path, device).eval()
+
+
 def get_pretrained(smoke: bool | None = None, progress: bool = True, device: str | None = None) -> GPTModel:
-    """The course's pretrained model, from the cache when present, else trained now and cached."""
+    """The course's pretrained model, from the cache when present and verified, else trained now and cached.
+
+    A cached file that fails verification (see :func:`load_pretrained`) is trained again, with a warning.
+    """
     recipe = recipe_for(smoke)
     path = cache_dir() / f"{recipe.name}.safetensors"
     if path.is_file():
-        return load_model(path, device)
+        try:
+            return load_pretrained(path, recipe, device)
+        except UserError as err:
+            warnings.warn(f"the cached pretrained model cannot be used, training it again: {err}", stacklevel=2)
     model, _ = pretrain(recipe, progress=progress, checkpoint=path, device=device)
     return model.eval()

@@ -45,6 +45,9 @@ def check_float_tensor(w: torch.Tensor, name: str = "w") -> torch.Tensor:
                         f"got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"{name} must have at least one element, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):  # one NaN/inf would poison its block's absmax and every code
+        raise ValueError(f"{name} holds {int((~torch.isfinite(w)).sum())} non-finite value(s) (NaN or inf); "
+                         "quantisation needs finite weights")
     return w
 
 
@@ -302,6 +305,7 @@ def replace_linear_with_quantized(model: nn.Module, method: str = "nf4", block_s
         if name in exclude or path in exclude:
             continue
         if isinstance(child, nn.Linear):
+            check_float_tensor(child.weight, f"{path}.weight")  # names the layer when a weight holds NaN/inf
             setattr(model, name, QuantizedLinear.from_linear(child, method, block_size, double_quant))
         else:
             replace_linear_with_quantized(child, method, block_size, exclude, double_quant, f"{path}.")
