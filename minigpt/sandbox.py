@@ -94,6 +94,9 @@ def bwrap_prefix(writable: Path, hidden: list[Path] = ()) -> list[str]:
     writable = Path(writable).resolve()
     args = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+    # the private /tmp would hide a checkout that lives under /tmp (as CI's may): show the package again
+    package_root = Path(__file__).resolve().parents[1]
+    args += ["--ro-bind", str(package_root), str(package_root)]
     for path in hidden:
         if Path(path).is_dir():
             args += ["--tmpfs", str(Path(path).resolve()), "--remount-ro", str(Path(path).resolve())]
