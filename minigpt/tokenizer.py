@@ -102,7 +102,7 @@ class CompactVocab:
 
     The tiny model's cost on a CPU is dominated by its output layer: 50,257 logits per position.
     This vocabulary keeps GPT-2's 256 single-byte tokens, ``<|endoftext|>`` and the most frequent
-    GPT-2 tokens of the course's corpora. Text is encoded with GPT-2's BPE as usual; a GPT-2 token that
+    GPT-2 tokens of the pretraining text (:func:`minigpt.data.build_course_vocab`). Text is encoded with GPT-2's BPE as usual; a GPT-2 token that
     is not in the table is spelled out with its bytes, so every text round-trips exactly (no ``<unk>``).
     """
 
