@@ -90,6 +90,7 @@ def test_summary_statistics():
     assert summary["task_accuracy"] == pytest.approx((0.7, 0.2)) and summary["n"] == 3
     assert compare.exceeds_spread([0.5, 0.7, 0.9], [0.1, 0.1, 0.1])
     assert not compare.exceeds_spread([0.5, 0.7, 0.9], [0.6, 0.8, 0.7])
+    assert not compare.exceeds_spread([0.5, 0.7, 0.9], [0.6, 0.8, 0.75])  # means differ, by less than the spread
 
 
 @pytest.mark.parametrize("kwargs, name", [({"methods": ["lora", "qlora"]}, "methods"), ({"methods": []}, "methods"),
