@@ -109,6 +109,9 @@ DELEGATED = {
 def main(argv: list[str] | None = None) -> int:
     """Run a command. A user error (bad argument, missing or damaged file) prints one line on stderr and
     exits with status 2, as argparse does; a traceback means a bug."""
+    from minigpt import apply_cpu_thread_settings
+
+    apply_cpu_thread_settings()  # before anything imports torch; the course's notebook kernels inherit it
     from minigpt.io import UserError
 
     argv = sys.argv[1:] if argv is None else argv

@@ -67,7 +67,7 @@ class GPTConfig:
 PRESETS = {
     "gpt2-small": GPTConfig(),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-    "tiny": GPTConfig(vocab_size=COMPACT_VOCAB_SIZE, context_length=128, n_layer=4, n_head=4, n_embd=128),
+    "tiny": GPTConfig(vocab_size=COMPACT_VOCAB_SIZE, context_length=32, n_layer=4, n_head=4, n_embd=128),
     "micro": GPTConfig(vocab_size=COMPACT_VOCAB_SIZE, context_length=32, n_layer=2, n_head=2, n_embd=32),
 }
 
@@ -158,6 +158,10 @@ class GPTModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(idx))
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (after ``ln_f``), one per position: ``forward`` is ``lm_head(hidden(idx))``."""
         if idx.device.type == "cpu":  # free on the CPU; on a GPU it would cost a host sync per call
             check_token_ids(idx, self.cfg.vocab_size, self.cfg.context_length)
         B, T = idx.shape
@@ -165,7 +169,7 @@ class GPTModel(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters counted once even when shared (the tied head adds nothing)."""

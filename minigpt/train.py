@@ -138,9 +138,19 @@ def autocast(device: torch.device):
 
 
 def loss_fn(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats per token."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """Mean next-token cross-entropy in nats per token, over the targets that are not ``-100`` (ignored).
+
+    When a fine-tuning mask ignores targets, a :class:`GPTModel` computes the output head only at the kept
+    positions: the same loss, without the vocabulary-wide matmul (the largest in a small model) for the
+    rest.
+    """
+    targets = targets.flatten()
+    if isinstance(model, GPTModel) and inputs.device.type == "cpu":  # on a GPU the mask would cost a sync
+        keep = targets != -100
+        if not bool(keep.all()):
+            logits = model.lm_head(model.hidden(inputs).flatten(0, 1)[keep])
+            return F.cross_entropy(logits.float(), targets[keep])
+    return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets)
 
 
 @torch.no_grad()

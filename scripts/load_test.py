@@ -25,7 +25,7 @@ if threads > 0:
 torch.manual_seed(0)
 cfg = GPTConfig.from_preset("tiny")
 model = GPTModel(cfg); opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-x = torch.randint(0, cfg.vocab_size, (16, cfg.context_length)); y = torch.randint(0, cfg.vocab_size, (16, cfg.context_length))
+x = torch.randint(0, cfg.vocab_size, (64, cfg.context_length)); y = torch.randint(0, cfg.vocab_size, (64, cfg.context_length))
 def step():
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()); opt.zero_grad(); loss.backward(); opt.step()
 for _ in range(3):

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from minigpt import bench, compare
+from minigpt.analysis import delta_ratio
+from minigpt.finetune import task_accuracy
 from minigpt.lora import replace_linear_with_lora
 from minigpt.model import GPTConfig, GPTModel
 
@@ -72,6 +74,27 @@ def test_runs_are_cached_by_configuration(cache, records):
     for f in files:
         f.write_text("{not json")  # a damaged entry is recomputed, not trusted
     assert lab.run(spec)["method"] == "lora"
+
+
+@pytest.mark.parametrize("method", ["full", "pissa", "dora"])
+def test_seed_zero_models_come_back_from_the_cache(cache, records, method):
+    lab = compare.Lab(smoke=True)
+    spec = lab.spec(method, compare.SMOKE_LR_GRID[1], seed=0)
+    record = lab.run(spec)
+    weights = lab._path(spec).with_suffix(".safetensors")
+    assert weights.is_file()
+    trained = lab.model(spec)  # read back: training again would rewrite the file
+    mtime = weights.stat().st_mtime_ns
+    again = lab.model(spec)
+    assert weights.stat().st_mtime_ns == mtime
+    tokens = torch.randint(0, lab.base.cfg.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(trained(tokens), again(tokens), rtol=0, atol=0)
+        assert not torch.equal(trained(tokens), lab.base(tokens))  # the fine-tuned weights, not the base
+    assert task_accuracy(trained, lab.data.task_val) == record["val_accuracy"]
+    assert delta_ratio(lab.base, trained) == pytest.approx(record["delta_ratio"], rel=1e-6)
+    weights.write_bytes(b"damaged")  # a damaged weights file is retrained and replaced
+    assert lab.model(spec) is not None and weights.stat().st_size > 100
 
 
 def test_format_table_shows_mean_and_spread(records):

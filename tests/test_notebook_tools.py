@@ -39,3 +39,17 @@ def test_single_source_detects_drift_and_syncs(tmp_path):
 def test_normalise_ignores_markers_only():
     assert normalise_source("a\n    # BEGIN SOLUTION hint: h\nb\n# END SOLUTION\n") == "a\nb\n"
     assert normalise_source("a\nb") != normalise_source("a\nc")
+
+
+def test_cpu_thread_settings_are_applied_before_torch(monkeypatch):
+    import minigpt
+    from minigpt.notebooks import chapter_paths, read_notebook
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert minigpt.apply_cpu_thread_settings() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own choice wins
+    assert minigpt.apply_cpu_thread_settings() == {"OMP_WAIT_POLICY": "ACTIVE"}
+    for path in chapter_paths():  # each chapter sets it in its first code cell, before any torch import
+        code = [c.source for c in read_notebook(path).cells if c.cell_type == "code"]
+        assert 'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")' in code[0], path.name
+        assert "import torch" not in code[0], path.name

@@ -107,3 +107,28 @@ def test_nats_per_character():
     result = nats_per_character(model, IDS, decode=lambda ids: "ab" * len(ids))
     assert result["chars"] == 2 * result["tokens"]
     assert result["nats_per_char"] == pytest.approx(result["nats_per_token"] / 2)
+
+
+def test_masked_loss_computes_the_head_only_where_it_counts():
+    """With ignored (-100) targets the loss skips the head at those positions: same value, same gradients."""
+    from minigpt.train import loss_fn
+
+    torch.manual_seed(0)
+    model = GPTModel(CFG)
+    inputs = torch.randint(0, 32, (3, 8))
+    targets = torch.randint(0, 32, (3, 8))
+    targets[:, ::3] = -100
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    ours = loss_fn(model, inputs, targets)
+    hook.remove()
+    assert calls == [int((targets != -100).sum())]  # the head saw only the kept positions
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    reference.backward()
+    torch.testing.assert_close(ours, reference)
+    for mine, theirs in zip(ours_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, theirs)
+    assert torch.equal(model.lm_head(model.hidden(inputs)), model(inputs))
