@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minigpt.dora import replace_linear_with_dora
-from minigpt.lora import merge_lora, replace_linear_with_lora
+from minigpt.lora import merge_and_unload, replace_linear_with_lora
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.train import choose_device
 
@@ -270,7 +270,7 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), device: str | None
         for name, param in unmerged.named_parameters():
             if name.endswith("lora.B"):
                 param.normal_(0.0, 0.01)
-    merged = merge_lora(copy.deepcopy(unmerged))
+    merged = merge_and_unload(copy.deepcopy(unmerged))  # deployment: the base model's modules, merged weights
     inference_models = {"base": base.eval(), "lora-unmerged": unmerged.eval(), "lora-merged": merged.eval()}
     with torch.no_grad():
         max_diff = (unmerged(batch[0]) - merged(batch[0])).abs().max().item()

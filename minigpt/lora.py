@@ -56,8 +56,8 @@ class LoRALayer(nn.Module):
                 self.A.normal_(0.0, 1 / rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # BEGIN SOLUTION hint: multiply x by A, then by B, and scale the result by self.scaling
-        return self.scaling * (x @ self.A @ self.B)
+        # BEGIN SOLUTION hint: multiply x by A, scale by self.scaling, then multiply by B
+        return (self.scaling * (x @ self.A)) @ self.B  # scaling the rank-r middle: r, not out, numbers per row
         # END SOLUTION
 
     def extra_repr(self) -> str:
@@ -367,6 +367,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
         raise ValueError(f"adapters already merged in {merged}; call unmerge_lora first")
     for _, layer in layers:
         layer.merge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter (unless merged already) and put each plain base layer back in its wrapper's place.
+
+    The result has the base model's modules and cost (LoRA section 4.1: no added inference latency; PEFT's
+    ``merge_and_unload``); the adapters are gone, so unlike :func:`merge_lora` this cannot be undone.
+    """
+    for name, layer in layers_or_raise(model):
+        if not layer.merged:
+            layer.merge()
+        set_submodule(model, name, layer.linear)
     return model
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from minigpt.adapters import adapter_size_bytes, load_adapter, save_adapter
 from minigpt.lora import (LinearWithLoRA, LoRALayer, adapter_layers, count_parameters, mark_only_lora_as_trainable,
-                          merge_lora, replace_linear_with_lora, trainable_summary, unmerge_lora)
+                          merge_and_unload, merge_lora, replace_linear_with_lora, trainable_summary, unmerge_lora)
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.quant import QuantizedLinear
 from toy_models import randomise
@@ -280,6 +280,29 @@ def test_merge_unmerge_round_trip(randomise, in_f, out_f, rank, rslora, seed):
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
     for layer, weight in zip((model[0], model[2]), original):
         torch.testing.assert_close(layer.linear.weight, weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("merge_first", [False, True])
+def test_merge_and_unload_leaves_the_base_modules(merge_first):
+    torch.manual_seed(0)
+    base = GPTModel(GPTConfig(vocab_size=40, context_length=8, n_layer=2, n_head=2, n_embd=16))
+    model = replace_linear_with_lora(copy.deepcopy(base), rank=2, alpha=4)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lora.B.normal_()
+    tokens = torch.randint(0, 40, (2, 8))
+    with torch.no_grad():
+        expected = model(tokens)
+    if merge_first:
+        merge_lora(model)
+    unloaded = merge_and_unload(model)
+    assert not adapter_layers(unloaded)
+    assert [type(m) for m in unloaded.modules()] == [type(m) for m in base.modules()]  # the base's own modules
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(tokens), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(unloaded(tokens), base(tokens))
+    with pytest.raises(ValueError, match="no adapter layers"):
+        merge_and_unload(unloaded)
 
 
 def test_double_merge_and_unmerge_are_refused(toy, randomise):
