@@ -5,21 +5,42 @@ Data flows one way: tokenizer -> data -> model -> train/generate -> lora -> piss
 """
 
 import os
+import time
 
 __version__ = "0.1.0"
 
-# OpenMP threads that sleep while they wait instead of spinning. On 2 cores shared with one other busy
-# process, training then slows ~1.4x instead of ~4x; on idle cores it costs ~7 % (scripts/load_test.py,
-# README "Under load"). OpenMP reads it once, when torch is imported, so it is set before that: by
-# ``python -m minigpt`` (and so for the course's notebook kernels) and by each chapter's first code cell.
+# OpenMP threads that sleep while they wait instead of spinning, used only when other processes already keep
+# the cores busy. Measured on 2 cores next to one busy training process (scripts/load_test.py, README "Under
+# load"): pretraining steps slow 1.4x with it instead of 4.2x. On idle cores it costs 7 % on pretraining
+# batches and 70 % on the lab's small fine-tuning steps, which is why it is not set unconditionally. OpenMP
+# reads it once, when torch is imported, so it is decided before that: by ``python -m minigpt`` (the course's
+# notebook kernels inherit it) and by each chapter's first code cell.
 CPU_THREAD_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def apply_cpu_thread_settings() -> dict[str, str]:
-    """Put :data:`CPU_THREAD_SETTINGS` into the environment, keeping any value the user already set.
+def busy_cores(interval: float = 0.3) -> float | None:
+    """How many cores are busy right now (from ``/proc/stat`` over ``interval`` seconds); None off Linux."""
+    def snapshot() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
 
-    Effective for torch imported after this call (in this process or its children). Returns what is in force.
-    """
-    for key, value in CPU_THREAD_SETTINGS.items():
-        os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in CPU_THREAD_SETTINGS}
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(interval)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / total) if total > 0 else 0.0
+
+
+def apply_cpu_thread_settings(busy: float | None = None) -> dict[str, str]:
+    """If other work keeps at least half a core busy, put :data:`CPU_THREAD_SETTINGS` into the environment
+    (keeping any value the user set). ``busy`` defaults to :func:`busy_cores` now. Effective for torch imported
+    after this call, in this process or its children. Returns the settings in force."""
+    busy = busy_cores() if busy is None else busy
+    if busy is not None and busy >= 0.5:
+        for key, value in CPU_THREAD_SETTINGS.items():
+            os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in CPU_THREAD_SETTINGS if key in os.environ}

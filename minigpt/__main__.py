@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     exits with status 2, as argparse does; a traceback means a bug."""
     from minigpt import apply_cpu_thread_settings
 
-    apply_cpu_thread_settings()  # before anything imports torch; the course's notebook kernels inherit it
+    apply_cpu_thread_settings()  # before anything imports torch (only if the cores are busy); kernels inherit it
     from minigpt.io import UserError
 
     argv = sys.argv[1:] if argv is None else argv

@@ -406,14 +406,13 @@ def clean_notebook_file(path: Path | str) -> bool:
 COLAB_BADGE_ID = "colab-badge"
 COLAB_SETUP_ID = "colab-setup"
 COLAB_SETUP_SOURCE = f"""\
-# Setup. OpenMP threads sleep instead of spinning while they wait (set before torch is imported): if another
-# busy process shares the cores, training slows ~1.4x instead of ~4x (README, "Under load").
-import os
+# Setup. On Google Colab: fetch the course and install it (anywhere else that part does nothing). Then, before
+# torch is imported: if other processes keep the cores busy, let torch's threads sleep instead of spinning
+# while they wait (README, "Under load").
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# On Google Colab: fetch the course and install it; anywhere else the rest of this cell does nothing.
 if "google.colab" in sys.modules:
+    import os
     import subprocess
 
     if not os.path.isdir("minigpt-lora"):
@@ -421,7 +420,10 @@ if "google.colab" in sys.modules:
     # Colab keeps its own torch (it satisfies the requirements' range); this installs the rest.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
                    cwd="minigpt-lora", check=True)
-    sys.path.insert(0, os.path.abspath("minigpt-lora"))  # importable now, without restarting the kernel"""
+    sys.path.insert(0, os.path.abspath("minigpt-lora"))  # importable now, without restarting the kernel
+from minigpt import apply_cpu_thread_settings
+
+apply_cpu_thread_settings()"""
 
 
 def colab_url(name: str) -> str:

@@ -110,7 +110,7 @@ def test_colab_url_points_at_the_repository():
     assert REPOSITORY_URL in COLAB_SETUP_SOURCE
 
 
-def test_colab_setup_does_nothing_off_colab_and_installs_on_colab(monkeypatch, tmp_path):
+def test_colab_setup_installs_only_on_colab(monkeypatch, tmp_path):
     import subprocess
 
     calls = []
@@ -119,7 +119,7 @@ def test_colab_setup_does_nothing_off_colab_and_installs_on_colab(monkeypatch, t
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     path_before = list(sys.path)
     exec(COLAB_SETUP_SOURCE, {})  # noqa: S102 - the cell's own code
-    assert calls == [] and sys.path == path_before
+    assert calls == [] and sys.path == path_before  # off Colab it only applies the thread settings
 
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     monkeypatch.setattr(sys, "path", list(sys.path))

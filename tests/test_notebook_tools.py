@@ -1,3 +1,4 @@
+import os
 import nbformat
 import pytest
 
@@ -41,15 +42,18 @@ def test_normalise_ignores_markers_only():
     assert normalise_source("a\nb") != normalise_source("a\nc")
 
 
-def test_cpu_thread_settings_are_applied_before_torch(monkeypatch):
+def test_cpu_thread_settings_only_when_the_cores_are_busy(monkeypatch):
     import minigpt
     from minigpt.notebooks import chapter_paths, read_notebook
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert minigpt.apply_cpu_thread_settings() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert minigpt.apply_cpu_thread_settings(busy=0.1) == {}  # idle cores: torch's defaults are fastest
+    assert minigpt.apply_cpu_thread_settings(busy=1.0) == {"OMP_WAIT_POLICY": "PASSIVE"}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own choice wins
-    assert minigpt.apply_cpu_thread_settings() == {"OMP_WAIT_POLICY": "ACTIVE"}
-    for path in chapter_paths():  # each chapter sets it in its first code cell, before any torch import
+    assert minigpt.apply_cpu_thread_settings(busy=2.0) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    busy = minigpt.busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
+    for path in chapter_paths():  # each chapter decides in its first code cell, before any torch import
         code = [c.source for c in read_notebook(path).cells if c.cell_type == "code"]
-        assert 'os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")' in code[0], path.name
+        assert "apply_cpu_thread_settings()" in code[0], path.name
         assert "import torch" not in code[0], path.name
