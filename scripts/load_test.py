@@ -4,7 +4,8 @@ For each setting, the tiny model trains for ``--steps`` steps (tokens/s measured
 idle cores and once next to a competitor: a second process training the same model with torch's default
 threads, as a second notebook or a second course run would. Run it on otherwise idle cores:
 
-    python scripts/load_test.py --steps 30
+    python scripts/load_test.py --steps 30                         # pretraining steps
+    python scripts/load_test.py --steps 60 --workload finetune     # the fine-tuning lab's steps
 """
 
 from __future__ import annotations
@@ -16,18 +17,25 @@ import sys
 import time
 
 WORKER = r"""
-import os, sys, time, torch
-import torch.nn.functional as F
+import sys, time, torch
+from minigpt.compare import prepare_model
 from minigpt.model import GPTConfig, GPTModel
-threads = int(sys.argv[1]); steps = int(sys.argv[2])
+from minigpt.train import TrainConfig, loss_fn, make_optimizer
+threads, steps, workload = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if threads > 0:
     torch.set_num_threads(threads)
 torch.manual_seed(0)
 cfg = GPTConfig.from_preset("tiny")
-model = GPTModel(cfg); opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-x = torch.randint(0, cfg.vocab_size, (64, cfg.context_length)); y = torch.randint(0, cfg.vocab_size, (64, cfg.context_length))
+if workload == "pretrain":  # the TINY recipe's step: the whole model, 64 windows of 32 tokens
+    model, shape = GPTModel(cfg), (64, cfg.context_length)
+else:  # the lab's step: LoRA rank 32 on every block linear, 16 windows of 32, half the targets masked
+    model, shape = prepare_model(GPTModel(cfg), "lora", 32, 64.0), (16, cfg.context_length)
+opt = make_optimizer(model, TrainConfig(steps=10, warmup_steps=1))
+x = torch.randint(0, cfg.vocab_size, shape); y = torch.randint(0, cfg.vocab_size, shape)
+if workload != "pretrain":
+    y[:, ::2] = -100
 def step():
-    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()); opt.zero_grad(); loss.backward(); opt.step()
+    loss = loss_fn(model, x, y); opt.zero_grad(); loss.backward(); opt.step()
 for _ in range(3):
     step()
 start = time.perf_counter()
@@ -39,13 +47,14 @@ print(x.numel() * steps / (time.perf_counter() - start))
 SETTINGS = {  # name: (environment additions, torch threads; 0 = torch's default)
     "default (2 threads)": ({}, 0),
     "OMP_WAIT_POLICY=PASSIVE, 2 threads": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+    "GOMP_SPINCOUNT=1000, 2 threads": ({"GOMP_SPINCOUNT": "1000"}, 0),
     "1 thread": ({"OMP_NUM_THREADS": "1"}, 1),
     "1 thread, PASSIVE": ({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}, 1),
 }
 
 
-def measure(env: dict, threads: int, steps: int) -> float:
-    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps)], env={**os.environ, **env},
+def measure(env: dict, threads: int, steps: int, workload: str) -> float:
+    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps), workload], env={**os.environ, **env},
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -53,14 +62,16 @@ def measure(env: dict, threads: int, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workload", choices=("pretrain", "finetune"), default="pretrain",
+                        help="the TINY recipe's step, or the lab's LoRA step (small batches: more sensitive)")
     args = parser.parse_args()
     print(f"| setting | idle tokens/s | with a busy competitor | slowdown |\n|---|---|---|---|")
     for name, (env, threads) in SETTINGS.items():
-        idle = measure(env, threads, args.steps)
-        competitor = subprocess.Popen([sys.executable, "-c", WORKER, "0", "0"], stdout=subprocess.DEVNULL)
+        idle = measure(env, threads, args.steps, args.workload)
+        competitor = subprocess.Popen([sys.executable, "-c", WORKER, "0", "0", "pretrain"], stdout=subprocess.DEVNULL)
         try:
             time.sleep(3)  # let the competitor reach its training loop
-            loaded = measure(env, threads, args.steps)
+            loaded = measure(env, threads, args.steps, args.workload)
         finally:
             competitor.kill()
             competitor.wait()
