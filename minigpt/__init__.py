@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 
 # OpenMP threads that sleep while they wait instead of spinning, used only when other processes already keep
 # the cores busy. Measured on 2 cores next to one busy training process (scripts/load_test.py, README "Under
-# load"): pretraining steps slow 1.4x with it instead of 4.2x. On idle cores it costs 7 % on pretraining
-# batches and 70 % on the lab's small fine-tuning steps, which is why it is not set unconditionally. OpenMP
+# load"): pretraining steps slow 1.7x with it instead of 3.6x, the lab's small fine-tuning steps 1.3x instead
+# of 21x. On idle cores it costs 15-30 % (1.5-1.9x per fine-tuning run in a whole course run), which is why
+# it is not set unconditionally. OpenMP
 # reads it once, when torch is imported, so it is decided before that: by ``python -m minigpt`` (the course's
 # notebook kernels inherit it) and by each chapter's first code cell.
 CPU_THREAD_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
