@@ -52,7 +52,7 @@ from minigpt.finetune import FinetuneData, finetune_context, finetune_data, fine
 from minigpt.io import UserError, atomic_save_file, atomic_write_bytes, cache_dir, check_float, check_int
 from minigpt.lora import count_parameters, replace_linear_with_lora
 from minigpt.pissa import replace_linear_with_pissa
-from minigpt.train import TrainConfig, evaluate, save_checkpoint, seed_everything, train
+from minigpt.train import TrainConfig, evaluate, resolve_precision, save_checkpoint, seed_everything, train
 
 METHODS = ("full", "lora", "rslora", "pissa", "dora")
 # One grid for all methods, in steps of 2x: fine enough for LoRA's narrow window of usable rates. (1.2e-2
@@ -65,7 +65,7 @@ DEFAULT_RANK, DEFAULT_ALPHA = 32, 64.0
 DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 WEIGHT_DECAY = 0.0
-LAB_VERSION = 4  # part of every cache key: raise it when what a run measures changes
+LAB_VERSION = 5  # part of every cache key: raise it when what a run measures changes
 RECORD_KEYS = ("method", "seed", "lr", "rank", "alpha", "steps", "trainable", "task_accuracy", "val_accuracy",
                "domain_loss", "shakespeare_loss", "shakespeare_loss_before", "delta_ratio", "seconds",
                "checkpoint_bytes", "task_accuracy_before", "domain_loss_before")
@@ -204,7 +204,8 @@ class Lab:
         return self._before
 
     def _path(self, spec: RunSpec) -> Path:
-        config = {**dataclasses.asdict(spec), "lab": LAB_VERSION, "eval_batches": self.eval_batches}
+        config = {**dataclasses.asdict(spec), "lab": LAB_VERSION, "eval_batches": self.eval_batches,
+                  "precision": resolve_precision("auto", torch.device("cpu"))}  # the lab trains on CPU
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"{spec.method}-{key}.json"
 

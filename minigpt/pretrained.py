@@ -20,8 +20,8 @@ from minigpt.data import encoded, make_loader, unseen_share
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.tokenizer import COMPACT_VOCAB_FILE
 from minigpt.io import UserError, cache_dir
-from minigpt.train import (History, TrainConfig, load_model, read_checkpoint_metadata, save_checkpoint,
-                           seed_everything, train)
+from minigpt.train import (History, TrainConfig, choose_device, load_model, read_checkpoint_metadata,
+                           resolve_precision, save_checkpoint, seed_everything, train)
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,21 @@ class Recipe:
     batch_size: int
     lr: float
     seed: int = 123
+    precision: str = "auto"  # TrainConfig.precision: bf16 autocast where the hardware has it, else fp32
 
     @property
     def name(self) -> str:
-        """Cache file stem; it includes a fingerprint of the vocabulary, which the weights depend on."""
+        """Cache file stem; it includes a fingerprint of the vocabulary and the precision the steps run in
+        on the default device, which the weights depend on."""
         vocab = hashlib.sha256(COMPACT_VOCAB_FILE.read_bytes()).hexdigest()[:8]
-        return f"{self.preset}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}-vocab{vocab}"
+        precision = resolve_precision(self.precision, choose_device(None))
+        return (f"{self.preset}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}-vocab{vocab}"
+                f"-{precision}")
 
 
 # Chosen with scripts/sweep_pretraining.py (docs/pretraining_sweep.md): at equal training time on 2 CPU cores,
 # short windows in large batches (32 x 64) beat 128 x 16, a bigger vocabulary or a higher lr. ~3 minutes.
-TINY = Recipe(preset="tiny", steps=700, batch_size=64, lr=6e-3)
+TINY = Recipe(preset="tiny", steps=1200, batch_size=64, lr=6e-3)
 # Smoke mode: seconds, for tests. The model is tiny and barely trained: only the plumbing is checked.
 SMOKE = Recipe(preset="micro", steps=30, batch_size=8, lr=3e-3)
 
@@ -94,7 +98,8 @@ def pretrain(recipe: Recipe = TINY, progress: bool = True, checkpoint: Path | st
     history = train(model, train_loader, val_loader,
                     TrainConfig(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10,
                                 warmup_steps=min(50, recipe.steps // 10), eval_interval=max(1, recipe.steps // 10),
-                                eval_batches=10, seed=recipe.seed, device=device, progress=progress))
+                                eval_batches=10, seed=recipe.seed, device=device, progress=progress,
+                                precision=recipe.precision))
     if checkpoint:  # written only after a finished run: a diverged one raises above and leaves the file
         save_checkpoint(checkpoint, model, step=recipe.steps, extra=recipe_metadata(recipe))
     return model, history

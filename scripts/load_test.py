@@ -6,6 +6,7 @@ threads, as a second notebook or a second course run would. Run it on otherwise 
 
     python scripts/load_test.py --steps 30                         # pretraining steps
     python scripts/load_test.py --steps 60 --workload finetune     # the fine-tuning lab's steps
+    python scripts/load_test.py --speed --workload finetune        # idle only: precision x malloc setting
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import time
 
 WORKER = r"""
 import sys, time, torch
+from minigpt import keep_freed_memory
 from minigpt.compare import prepare_model
 from minigpt.model import GPTConfig, GPTModel
-from minigpt.train import TrainConfig, loss_fn, make_optimizer
+from minigpt.train import TrainConfig, autocast, loss_fn, make_optimizer, resolve_precision
 threads, steps, workload = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+precision = resolve_precision(sys.argv[4] if len(sys.argv) > 4 else "auto", torch.device("cpu"))
+keep_freed_memory()  # as train() does; MINIGPT_MALLOC=default in the environment turns it off
 if threads > 0:
     torch.set_num_threads(threads)
 torch.manual_seed(0)
@@ -35,7 +39,9 @@ x = torch.randint(0, cfg.vocab_size, shape); y = torch.randint(0, cfg.vocab_size
 if workload != "pretrain":
     y[:, ::2] = -100
 def step():
-    loss = loss_fn(model, x, y); opt.zero_grad(); loss.backward(); opt.step()
+    with autocast(torch.device("cpu"), precision):
+        loss = loss_fn(model, x, y)
+    opt.zero_grad(); loss.backward(); opt.step()
 for _ in range(3):
     step()
 start = time.perf_counter()
@@ -53,10 +59,30 @@ SETTINGS = {  # name: (environment additions, torch threads; 0 = torch's default
 }
 
 
-def measure(env: dict, threads: int, steps: int, workload: str) -> float:
-    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps), workload], env={**os.environ, **env},
-                         capture_output=True, text=True, check=True)
+SPEED_SETTINGS = {  # name: (environment additions, precision), all with torch's default threads, idle cores
+    "float32, glibc's default malloc": ({"MINIGPT_MALLOC": "default"}, "fp32"),
+    "float32, freed memory kept": ({}, "fp32"),
+    "bf16 autocast, glibc's default malloc": ({"MINIGPT_MALLOC": "default"}, "bf16"),
+    "bf16 autocast, freed memory kept": ({}, "bf16"),
+}
+
+
+def measure(env: dict, threads: int, steps: int, workload: str, precision: str = "auto") -> float:
+    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), str(steps), workload, precision],
+                         env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def speed_table(steps: int, workload: str, repeats: int = 3) -> None:
+    """Idle tokens/s per precision and malloc setting: the best of ``repeats`` runs each, interleaved."""
+    best = dict.fromkeys(SPEED_SETTINGS, 0.0)
+    for _ in range(repeats):
+        for name, (env, precision) in SPEED_SETTINGS.items():
+            best[name] = max(best[name], measure(env, 0, steps, workload, precision))
+    base = best["float32, glibc's default malloc"]
+    print(f"| {workload} step, idle | tokens/s | speed-up |\n|---|---|---|")
+    for name, value in best.items():
+        print(f"| {name} | {value:,.0f} | {value / base:.2f}x |")
 
 
 def main() -> None:
@@ -64,7 +90,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workload", choices=("pretrain", "finetune"), default="pretrain",
                         help="the TINY recipe's step, or the lab's LoRA step (small batches: more sensitive)")
+    parser.add_argument("--speed", action="store_true", help="idle cores only: float32/bf16 x malloc setting")
     args = parser.parse_args()
+    if args.speed:
+        return speed_table(args.steps, args.workload)
     print(f"| setting | idle tokens/s | with a busy competitor | slowdown |\n|---|---|---|---|")
     for name, (env, threads) in SETTINGS.items():
         idle = measure(env, threads, args.steps, args.workload)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,67 @@ def test_masked_loss_computes_the_head_only_where_it_counts():
     for mine, theirs in zip(ours_grads, (p.grad for p in model.parameters())):
         torch.testing.assert_close(mine, theirs)
     assert torch.equal(model.lm_head(model.hidden(inputs)), model(inputs))
+
+
+def test_precision_is_resolved_and_checked(monkeypatch):
+    from minigpt.io import UserError
+    from minigpt.train import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("MINIGPT_PRECISION", raising=False)
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr("minigpt.train.cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"  # emulated bf16 would be slower
+    monkeypatch.setattr("minigpt.train.cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setenv("MINIGPT_PRECISION", "fp32")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setenv("MINIGPT_PRECISION", "half")
+    with pytest.raises(UserError, match="MINIGPT_PRECISION must be one of auto, fp32, bf16"):
+        resolve_precision("auto", cpu)
+    with pytest.raises(UserError, match="TrainConfig.precision must be one of"):
+        TrainConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_runs_in_the_resolved_precision(precision):
+    seen = []
+    torch.manual_seed(0)
+    model = GPTModel(CFG)
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    history = train(model, make_loader(IDS, 8, 4, seed=0), None,
+                    TrainConfig(steps=30, lr=1e-2, warmup_steps=2, progress=False, precision=precision))
+    assert history.precision == precision
+    assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    assert np.mean(history.train_loss[-5:]) < np.mean(history.train_loss[:5]) - 0.5
+
+
+def test_cpu_bf16_attention_runs_in_float32_and_matches():
+    from minigpt.model import causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16, requires_grad=True) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.03)
+    got.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_keep_freed_memory_respects_a_configured_malloc(monkeypatch):
+    import minigpt
+
+    monkeypatch.setattr(minigpt, "_HEAP_KEPT", False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert minigpt.keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("MINIGPT_MALLOC", "default")
+    assert minigpt.keep_freed_memory() is False
+    monkeypatch.delenv("MINIGPT_MALLOC")
+    for key in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+        monkeypatch.delenv(key)
+    assert minigpt.keep_freed_memory() is True  # the test machines run Linux with glibc
+    assert minigpt.keep_freed_memory() is True  # idempotent
