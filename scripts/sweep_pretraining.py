@@ -125,11 +125,11 @@ def run_one(run: Run, budget_seconds: float, seed: int = 123, save: Path | None 
 
 def markdown_table(rows: list[dict]) -> str:
     """The sweep's results as the Markdown table of docs/pretraining_sweep.md, best nats/char first."""
-    lines = ["| vocab | layers x width | context x batch | peak lr | steps | tokens | train s | tokens/s | nats/char |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| vocab | layers x width | context x batch | peak lr | final lr | precision | steps | tokens | train s "
+             "| tokens/s | nats/char |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["nats_per_char"]):
         lines.append(f"| {r['vocab_len']:,} | {r['n_layer']} x {r['n_embd']} | {r['context']} x {r['batch']} | {r['lr']:g} "
-                     f"| {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} | {r['tokens_per_second']:,} "
+                     f"| {r['min_lr_ratio']:g} x | {r.get('precision', 'fp32')} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} | {r['tokens_per_second']:,} "
                      f"| {r['nats_per_char']:.3f} |")
     return "\n".join(lines)
 
