@@ -67,9 +67,9 @@ BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 WEIGHT_DECAY = 0.0
 LAB_VERSION = 5  # part of every cache key: raise it when what a run measures changes
 # The lab compares methods in float32 everywhere. At its size (16 x 32 tokens, rank-32 adapters on every block
-# linear) bf16 autocast was only ~10 % faster on the 2-core machine (scripts/load_test.py --speed --workload
-# finetune, three runs: 1.14-1.24x against 1.01-1.13x for float32 with the same malloc setting), and float32
-# keeps every method's numerics those of the peft-checked reference.
+# linear) bf16 autocast gained less than for pretraining on the 2-core machine (scripts/load_test.py --speed
+# --workload finetune, four runs: 1.14-1.50x of glibc-default float32, against 0.98-1.13x for float32 with the
+# same malloc setting), and float32 keeps every method's numerics those of the peft-checked reference.
 LAB_PRECISION = "fp32"
 RECORD_KEYS = ("method", "seed", "lr", "rank", "alpha", "steps", "trainable", "task_accuracy", "val_accuracy",
                "domain_loss", "shakespeare_loss", "shakespeare_loss_before", "delta_ratio", "seconds",
