@@ -11,14 +11,15 @@ import time
 
 __version__ = "0.1.0"
 
-# OpenMP threads that sleep while they wait instead of spinning, used only when other processes already keep
-# the cores busy. Measured on 2 cores next to one busy training process (scripts/load_test.py, README "Under
-# load"): pretraining steps slow 1.7x with it instead of 3.6x, the lab's small fine-tuning steps 1.3x instead
-# of 21x. On idle cores it costs 15-30 % (1.5-1.9x per fine-tuning run in a whole course run), which is why
-# it is not set unconditionally. OpenMP
-# reads it once, when torch is imported, so it is decided before that: by ``python -m minigpt`` (the course's
-# notebook kernels inherit it) and by each chapter's first code cell.
-CPU_THREAD_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# What the course sets when other processes already keep the cores busy: OpenMP threads that sleep while they
+# wait instead of spinning, and only as many threads as there are cores left (at least one). Measured on 2 cores
+# next to one busy training process (scripts/load_test.py, README "Under load"), with this round's bf16 steps:
+# pretraining steps run at 1/2.0 of the default's idle speed with one passive thread (1/7.4 with the defaults),
+# the lab's small fine-tuning steps at 1/1.9 (1/4.8 with the defaults; 1/3.2 with two passive threads). On idle
+# cores both cost speed (PASSIVE 15-30 %, one thread ~40 %), which is why nothing is set then. OpenMP reads
+# these once, when torch is imported, so they are decided before that: by ``python -m minigpt`` (the course's
+# notebook kernels inherit them) and by each chapter's first code cell.
+CPU_THREAD_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": None}  # None: cores left, see below
 
 
 def busy_cores(interval: float = 0.3) -> float | None:
@@ -40,12 +41,13 @@ def busy_cores(interval: float = 0.3) -> float | None:
 
 def apply_cpu_thread_settings(busy: float | None = None) -> dict[str, str]:
     """If other work keeps at least half a core busy, put :data:`CPU_THREAD_SETTINGS` into the environment
-    (keeping any value the user set). ``busy`` defaults to :func:`busy_cores` now. Effective for torch imported
+    (keeping any value the user set): passive waiting, and one OpenMP thread per core the others leave free. ``busy`` defaults to :func:`busy_cores` now. Effective for torch imported
     after this call, in this process or its children. Returns the settings in force."""
     busy = busy_cores() if busy is None else busy
     if busy is not None and busy >= 0.5:
+        free_cores = max(1, (os.cpu_count() or 1) - round(busy))
         for key, value in CPU_THREAD_SETTINGS.items():
-            os.environ.setdefault(key, value)
+            os.environ.setdefault(key, str(free_cores) if value is None else value)
     return {key: os.environ[key] for key in CPU_THREAD_SETTINGS if key in os.environ}
 
 

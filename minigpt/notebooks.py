@@ -407,8 +407,8 @@ COLAB_BADGE_ID = "colab-badge"
 COLAB_SETUP_ID = "colab-setup"
 COLAB_SETUP_SOURCE = f"""\
 # Setup. On Google Colab: fetch the course and install it (anywhere else that part does nothing). Then, before
-# torch is imported: if other processes keep the cores busy, let torch's threads sleep instead of spinning
-# while they wait (README, "Under load").
+# torch is imported: if other processes keep the cores busy, use only the cores they leave free, with threads
+# that sleep instead of spinning while they wait (README, "Under load").
 import sys
 
 if "google.colab" in sys.modules:

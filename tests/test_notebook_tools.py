@@ -47,10 +47,14 @@ def test_cpu_thread_settings_only_when_the_cores_are_busy(monkeypatch):
     from minigpt.notebooks import chapter_paths, read_notebook
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert minigpt.apply_cpu_thread_settings(busy=0.1) == {}  # idle cores: torch's defaults are fastest
-    assert minigpt.apply_cpu_thread_settings(busy=1.0) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    # 1.4 busy cores of 4: one thread each for the 3 cores left, sleeping while they wait
+    assert minigpt.apply_cpu_thread_settings(busy=1.4) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own choice wins
-    assert minigpt.apply_cpu_thread_settings(busy=2.0) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert minigpt.apply_cpu_thread_settings(busy=5.0) == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
     busy = minigpt.busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
     for path in chapter_paths():  # each chapter decides in its first code cell, before any torch import
