@@ -41,8 +41,9 @@ def busy_cores(interval: float = 0.3) -> float | None:
 
 def apply_cpu_thread_settings(busy: float | None = None) -> dict[str, str]:
     """If other work keeps at least half a core busy, put :data:`CPU_THREAD_SETTINGS` into the environment
-    (keeping any value the user set): passive waiting, and one OpenMP thread per core the others leave free. ``busy`` defaults to :func:`busy_cores` now. Effective for torch imported
-    after this call, in this process or its children. Returns the settings in force."""
+    (keeping any value the user set): passive waiting, and one OpenMP thread per core the others leave free.
+    ``busy`` defaults to :func:`busy_cores` now. Effective for torch imported after this call, in this process
+    or its children. Returns the settings in force."""
     busy = busy_cores() if busy is None else busy
     if busy is not None and busy >= 0.5:
         free_cores = max(1, (os.cpu_count() or 1) - round(busy))
@@ -59,7 +60,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps each block of 32 MiB or more (one batch's logits: 64 x 32 x 4,096 floats) fresh
     from the kernel and returns it on ``free``, so every training step pays page faults to zero that memory
-    again. Measured on the 2-core development machine (scripts/load_test.py --workload malloc): a tiny-model
+    again. Measured on the 2-core development machine (scripts/load_test.py --speed, and a profile): a tiny-model
     pretraining step spent a fifth of its time in the kernel; keeping the memory cut it from 200 to 168 ms in
     float32 and from 144 to 111 ms in bf16. The cost: the process holds on to its peak memory until it exits.
     Skipped when the environment already configures malloc (``MALLOC_*``, ``GLIBC_TUNABLES``, ``LD_PRELOAD``)

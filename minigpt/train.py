@@ -155,7 +155,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     ``"auto"`` follows ``$MINIGPT_PRECISION`` when set, else picks bf16 on CUDA and on CPUs with native bf16
     and fp32 elsewhere (MPS, older CPUs). On the 2-core development machine (AVX512-BF16) the output head's
     matmul ran 4.4x faster in bf16 and a pretraining step 1.8x faster together with :func:`minigpt.keep_freed_memory`
-    (scripts/load_test.py --speed). Weights, optimizer state and evaluation stay float32.
+    (scripts/load_test.py --speed). Weights and optimizer state stay float32, and so does evaluation on a CPU.
     """
     if precision == "auto":
         precision = os.environ.get("MINIGPT_PRECISION", "auto")
