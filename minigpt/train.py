@@ -157,6 +157,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     matmul ran 4.4x faster in bf16 and a pretraining step 1.8x faster together with :func:`minigpt.keep_freed_memory`
     (scripts/load_test.py --speed). Weights and optimizer state stay float32, and so does evaluation on a CPU.
     """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         precision = os.environ.get("MINIGPT_PRECISION", "auto")
         if precision not in PRECISIONS:

@@ -152,6 +152,8 @@ def test_precision_is_resolved_and_checked(monkeypatch):
     monkeypatch.setenv("MINIGPT_PRECISION", "half")
     with pytest.raises(UserError, match="MINIGPT_PRECISION must be one of auto, fp32, bf16"):
         resolve_precision("auto", cpu)
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16, got 'half'"):
+        resolve_precision("half", cpu)
     with pytest.raises(UserError, match="TrainConfig.precision must be one of"):
         TrainConfig(precision="fp16")
 
