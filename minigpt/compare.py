@@ -16,6 +16,8 @@ Finished runs are cached as JSON under ``$MINIGPT_CACHE/runs/<pretrained recipe>
 configuration, so chapters that share a run (chapter 06's LoRA baseline is chapter 10's) compute it once.
 Seed 0's trained weights (the trainable tensors only) are cached beside its record, because chapters inspect
 seed 0's model (:meth:`Lab.model`): reading them back costs milliseconds, training again half a minute.
+Runs asked for together (:meth:`Lab.runs`, and so :meth:`Lab.tune` and :meth:`Lab.seeds`) train one per core
+in worker processes (:mod:`minigpt.lab_pool`); ``MINIGPT_LAB_WORKERS=1`` trains them one after another here.
 
 One record per run (:data:`RECORD_KEYS`): ``method``, ``seed``, ``lr``, ``rank``, ``trainable`` parameters,
 ``task_accuracy`` (held-out prompts), ``val_accuracy`` (the prompts used for choosing lr), ``domain_loss``
@@ -39,20 +41,22 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from minigpt.adapters import save_adapter
 from minigpt.analysis import delta_ratio
 from minigpt.dora import replace_linear_with_dora
 from minigpt.finetune import FinetuneData, finetune_context, finetune_data, finetune_loaders, measure, task_accuracy
-from minigpt.io import UserError, atomic_save_file, atomic_write_bytes, cache_dir, check_float, check_int
+from minigpt.io import UserError, atomic_write_bytes, cache_dir, check_float, check_int
+from minigpt.lab_pool import LabPool, lab_workers, trainable_bytes
 from minigpt.lora import count_parameters, replace_linear_with_lora
 from minigpt.pissa import replace_linear_with_pissa
-from minigpt.train import TrainConfig, evaluate, save_checkpoint, seed_everything, train
+from minigpt.train import TrainConfig, evaluate, resolve_precision, save_checkpoint, seed_everything, train
 
 METHODS = ("full", "lora", "rslora", "pissa", "dora")
 # One grid for all methods, in steps of 2x: fine enough for LoRA's narrow window of usable rates. (1.2e-2
@@ -66,11 +70,12 @@ DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 WEIGHT_DECAY = 0.0
 LAB_VERSION = 5  # part of every cache key: raise it when what a run measures changes
-# The lab compares methods in float32 everywhere. At its size (16 x 32 tokens, rank-32 adapters on every block
-# linear) bf16 autocast gained less than for pretraining on the 2-core machine (scripts/load_test.py --speed
-# --workload finetune, four runs: 1.14-1.50x of glibc-default float32, against 0.98-1.13x for float32 with the
-# same malloc setting), and float32 keeps every method's numerics those of the peft-checked reference.
-LAB_PRECISION = "fp32"
+# The lab trains in the precision train() picks ("auto": bf16 autocast on CPUs with native bf16 and on CUDA,
+# float32 elsewhere; weights, optimizer state and evaluation stay float32). With one thread per worker
+# (minigpt.lab_pool), a LoRA step ran 1.37x faster in bf16 on the 2-core development machine (45 against 61 ms);
+# with two threads on one step the gain had been within the step's noise. The resolved precision is part of
+# every cache key, so float32 and bf16 runs never mix in one table.
+LAB_PRECISION = "auto"
 RECORD_KEYS = ("method", "seed", "lr", "rank", "alpha", "steps", "trainable", "task_accuracy", "val_accuracy",
                "domain_loss", "shakespeare_loss", "shakespeare_loss_before", "delta_ratio", "seconds",
                "checkpoint_bytes", "task_accuracy_before", "domain_loss_before")
@@ -192,6 +197,10 @@ class Lab:
         self.data = data
         self.eval_batches = 2 if self.smoke else 20
         self.folder = cache_dir("runs", recipe_for(self.smoke).name)
+        self.grid = SMOKE_LR_GRID if self.smoke else LR_GRID
+        self.workers = lab_workers(self.smoke)
+        self.precision = resolve_precision(LAB_PRECISION, torch.device("cpu"))
+        self._pool: LabPool | None = None
         self._before: dict | None = None
 
     def spec(self, method: str, lr: float, seed: int = 0, **changes) -> RunSpec:
@@ -210,17 +219,16 @@ class Lab:
 
     def _path(self, spec: RunSpec) -> Path:
         config = {**dataclasses.asdict(spec), "lab": LAB_VERSION, "eval_batches": self.eval_batches,
-                  "precision": LAB_PRECISION}
+                  "precision": self.precision}
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"{spec.method}-{key}.json"
 
-    def _store(self, spec: RunSpec, record: dict, model: nn.Module) -> None:
+    def _store(self, spec: RunSpec, record: dict, weights: bytes | None) -> None:
         if not self.cache:
             return
         path = self._path(spec)
-        if spec.seed == 0:  # written before the record: a record in the cache always has its weights
-            trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-            atomic_save_file(lambda tmp: save_file(trainable, tmp), path.with_suffix(".safetensors"))
+        if weights is not None:  # written before the record: a record in the cache always has its weights
+            atomic_write_bytes(path.with_suffix(".safetensors"), weights)
         atomic_write_bytes(path, json.dumps(record).encode())
 
     def _load_weights(self, spec: RunSpec) -> nn.Module | None:
@@ -238,21 +246,49 @@ class Lab:
         model.load_state_dict(saved, strict=False)
         return model.eval()
 
-    def run(self, spec: RunSpec) -> dict:
-        """The record of ``spec``, from the cache when this exact run was done before."""
+    def _cached(self, spec: RunSpec) -> dict | None:
         path = self._path(spec)
         if self.cache and path.is_file():
             try:
                 return json.loads(path.read_text())
             except json.JSONDecodeError:
                 pass  # a damaged cache entry is recomputed and replaced
-        return self._train(spec)[1]
+        return None
+
+    def run(self, spec: RunSpec) -> dict:
+        """The record of ``spec``, from the cache when this exact run was done before."""
+        return self.runs([spec])[0]
+
+    def runs(self, specs: list[RunSpec]) -> list[dict]:
+        """The records of ``specs``, in order: cached ones read back, the others trained :attr:`workers` at a
+        time in worker processes (:mod:`minigpt.lab_pool`), or here when one worker is all there is."""
+        records = {spec: self._cached(spec) for spec in specs}
+        missing = [spec for spec, record in records.items() if record is None]
+        if len(missing) > 1 and self.workers > 1:
+            if self._pool is None:
+                self._pool = LabPool(self.base, self.data, self.eval_batches, self.workers)
+                weakref.finalize(self, self._pool.close)
+            def done(spec: RunSpec, record: dict, weights: bytes | None) -> None:
+                records[spec] = self._finish(spec, record, weights)
+
+            try:
+                self._pool.train(missing, done)
+            except BaseException:
+                self._pool = None  # train() stopped it; a later call starts a new one
+                raise
+        else:
+            for spec in missing:
+                records[spec] = self._train(spec)[1]
+        return [records[spec] for spec in specs]
+
+    def _finish(self, spec: RunSpec, record: dict, weights: bytes | None) -> dict:
+        record.update({f"{key}_before": value for key, value in self.before().items()})
+        self._store(spec, record, weights)
+        return record
 
     def _train(self, spec: RunSpec) -> tuple[nn.Module, dict]:
         model, record = finetune(self.base, spec, self.data, self.eval_batches, self.progress)
-        record.update({f"{key}_before": value for key, value in self.before().items()})
-        self._store(spec, record, model)
-        return model, record
+        return model, self._finish(spec, record, trainable_bytes(model) if spec.seed == 0 else None)
 
     def model(self, spec: RunSpec) -> nn.Module:
         """The fine-tuned model of ``spec``: seed 0's weights come from the cache, other seeds train again."""
@@ -264,14 +300,18 @@ class Lab:
 
     def tune(self, method: str, grid: tuple[float, ...] | None = None, **changes) -> tuple[float, list[dict]]:
         """Seed 0 at every learning rate of ``grid``; the best by validation accuracy (ties: lower train loss)."""
-        grid = grid or (SMOKE_LR_GRID if self.smoke else LR_GRID)
-        records = [self.run(self.spec(method, lr, 0, **changes)) for lr in grid]
-        best = max(records, key=lambda r: (r["val_accuracy"], -r["train_loss_last"]))
-        return best["lr"], records
+        grid = grid or self.grid
+        records = self.runs([self.spec(method, lr, 0, **changes) for lr in grid])
+        return best_lr(records), records
 
     def seeds(self, method: str, lr: float, seeds: int = DEFAULT_SEEDS, **changes) -> list[dict]:
         """One record per seed 0 .. ``seeds``-1 at ``lr``."""
-        return [self.run(self.spec(method, lr, seed, **changes)) for seed in range(seeds)]
+        return self.runs([self.spec(method, lr, seed, **changes) for seed in range(seeds)])
+
+
+def best_lr(records: list[dict]) -> float:
+    """The learning rate of the best record: highest validation accuracy, ties broken by lower training loss."""
+    return max(records, key=lambda r: (r["val_accuracy"], -r["train_loss_last"]))["lr"]
 
 
 def run_comparison(methods=METHODS, seeds: int = DEFAULT_SEEDS, rank: int = DEFAULT_RANK,
@@ -291,13 +331,15 @@ def run_comparison(methods=METHODS, seeds: int = DEFAULT_SEEDS, rank: int = DEFA
     if steps is not None:
         changes["steps"] = check_int("steps", steps, 1)
     lab = Lab(smoke, cache, progress)  # after the checks: a bad argument must not cost a pretraining run
-    records = []
-    for method in methods:
-        start = time.perf_counter()
-        lr, _ = lab.tune(method, grid, **changes)
-        records += lab.seeds(method, lr, seeds, **changes)
-        if progress:
-            print(f"{method}: lr {lr:g} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    grid = grid or lab.grid
+    start = time.perf_counter()
+    tuning = lab.runs([lab.spec(method, lr, 0, **changes) for method in methods for lr in grid])  # all at once
+    chosen = {method: best_lr([r for r in tuning if r["method"] == method]) for method in methods}
+    records = lab.runs([lab.spec(method, chosen[method], seed, **changes) for method in methods
+                        for seed in range(seeds)])
+    if progress:
+        lrs = ", ".join(f"{method} {lr:g}" for method, lr in chosen.items())
+        print(f"learning rates: {lrs} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return [{key: r[key] for key in RECORD_KEYS} for r in records]
 
 

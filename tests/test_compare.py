@@ -198,3 +198,43 @@ def test_prepare_model_builds_each_method():
     torch.testing.assert_close(a1, a2)
     with pytest.raises(ValueError, match="method"):
         compare.prepare_model(base, "qlora", 4, 8.0)
+
+
+def test_worker_processes_give_the_same_records_and_cache(cache, records, monkeypatch):
+    """Runs trained in worker processes (one thread each) equal those trained here, and land in the cache."""
+    specs = [compare.Lab(smoke=True).spec(method, 2e-3, seed) for method, seed in (("lora", 0), ("dora", 1), ("full", 0))]
+    here = compare.Lab(smoke=True, cache=False)
+    expected = here.runs(specs)
+    monkeypatch.setenv("MINIGPT_LAB_WORKERS", "2")
+    lab = compare.Lab(smoke=True)
+    assert lab.workers == 2
+    got = lab.runs(specs)
+    assert lab._pool is not None  # the workers trained them, not this process
+    for a, b in zip(expected, got):
+        assert (a["method"], a["seed"]) == (b["method"], b["seed"])
+        for key in ("task_accuracy", "val_accuracy", "domain_loss", "shakespeare_loss", "delta_ratio"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["method"], key)
+    assert lab.runs(specs) == got  # read back from the cache the parent wrote
+    assert lab._path(specs[0]).with_suffix(".safetensors").is_file()
+    assert not lab._path(specs[1]).with_suffix(".safetensors").exists()  # weights are kept for seed 0 only
+    lab._pool.close()
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", ""])
+def test_bad_worker_count_is_named(monkeypatch, value):
+    from minigpt.lab_pool import lab_workers
+
+    monkeypatch.setenv("MINIGPT_LAB_WORKERS", value)
+    with pytest.raises(ValueError, match="MINIGPT_LAB_WORKERS"):
+        lab_workers()
+
+
+def test_worker_count_follows_the_free_cores(monkeypatch):
+    from minigpt import lab_pool
+
+    monkeypatch.delenv("MINIGPT_LAB_WORKERS", raising=False)
+    monkeypatch.setattr(lab_pool.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert lab_pool.lab_workers() == 4 and lab_pool.lab_workers(smoke=True) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what apply_cpu_thread_settings sets when 3 cores are busy
+    assert lab_pool.lab_workers() == 1
