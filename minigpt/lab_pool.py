@@ -2,9 +2,11 @@
 
 The lab's steps are small (16 windows of 32 tokens through a 4 x 128 model), too small for two threads to
 share one step well: they spend much of it waiting for each other. Two processes with one thread each keep
-both cores busy instead. Measured on the 2-core development machine, bf16, ms per step (LoRA / DoRA / full):
-one process with 2 threads 37 / 79 / 42; two processes with one thread each 45 / 73 / 48 per process, so the
-lab finishes ~1.9x (LoRA) to ~2.1x (DoRA, full) as many runs per minute.
+both cores busy instead. On the 2-core development machine (``scripts/load_test.py --pool 2 --workload
+finetune``, README "Under load" and "Chapter run times") two one-thread processes together ran 1.2-1.5x the
+tokens/s of one two-thread process in float32 and 1.4-2.0x in bf16, which pays again with one thread: 1.6-1.7x
+the lab's former float32 single-process setting. A course run gains ~1.3-1.5x per chapter: groups of three
+runs leave one core idle for a third of the time, and each run's evaluation is a fixed cost.
 
 A worker gets the base model and the data once, when it starts, and sends back each run's record and, for
 seed 0, its trainable tensors as safetensors bytes; the parent writes the cache, so only one process writes.
