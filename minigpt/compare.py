@@ -176,6 +176,12 @@ def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: i
     return model, record
 
 
+def _train_in_worker(state: dict, spec: RunSpec) -> tuple[dict, bytes | None]:
+    """One run in a :class:`~minigpt.lab_pool.LabPool` worker: its record, and seed 0's trainable tensors."""
+    model, record = finetune(state["base"], spec, state["data"], state["eval_batches"])
+    return record, trainable_bytes(model) if spec.seed == 0 else None
+
+
 class Lab:
     """The pretrained base, the data and the run cache, shared by every experiment of chapters 06-10.
 
@@ -266,13 +272,14 @@ class Lab:
         missing = [spec for spec, record in records.items() if record is None]
         if len(missing) > 1 and self.workers > 1:
             if self._pool is None:
-                self._pool = LabPool(self.base, self.data, self.eval_batches, self.workers)
+                state = {"base": self.base, "data": self.data, "eval_batches": self.eval_batches}
+                self._pool = LabPool(_train_in_worker, state, self.workers)
                 weakref.finalize(self, self._pool.close)
             def done(spec: RunSpec, record: dict, weights: bytes | None) -> None:
                 records[spec] = self._finish(spec, record, weights)
 
             try:
-                self._pool.train(missing, done)
+                self._pool.map(missing, done)
             except BaseException:
                 self._pool = None  # train() stopped it; a later call starts a new one
                 raise

@@ -56,36 +56,36 @@ def trainable_bytes(model: torch.nn.Module) -> bytes:
     return save({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad})
 
 
-def _start_worker(base: bytes, data, eval_batches: int) -> None:
+def _start_worker(work: Callable, state: bytes) -> None:
     from minigpt import keep_freed_memory
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     torch.set_num_threads(1)
     keep_freed_memory()
-    _STATE.update(base=torch.load(io.BytesIO(base), weights_only=False), data=data, eval_batches=eval_batches)
+    _STATE.update(work=work, state=torch.load(io.BytesIO(state), weights_only=False))
 
 
-def _train(spec) -> tuple[dict, bytes | None]:
-    from minigpt.compare import finetune
-
-    model, record = finetune(_STATE["base"], spec, _STATE["data"], _STATE["eval_batches"])
-    return record, trainable_bytes(model) if spec.seed == 0 else None
+def _run(item):
+    return _STATE["work"](_STATE["state"], item)
 
 
 class LabPool:
-    """``workers`` spawned processes that fine-tune copies of ``base`` on ``data``."""
+    """``workers`` spawned processes, each calling ``work(state, item)`` for the items it is given.
 
-    def __init__(self, base: torch.nn.Module, data, eval_batches: int, workers: int):
+    ``work`` must be a module-level function (it is pickled by name); ``state`` (the base model, the data) is
+    sent to each worker once, when it starts.
+    """
+
+    def __init__(self, work: Callable, state: dict, workers: int):
         buffer = io.BytesIO()
-        torch.save(base, buffer)
+        torch.save(state, buffer)
         self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_worker,
-                                            initargs=(buffer.getvalue(), data, eval_batches))
+                                            initializer=_start_worker, initargs=(work, buffer.getvalue()))
 
-    def train(self, specs: list, done: Callable[[object, dict, bytes | None], None]) -> None:
-        """Train ``specs``; ``done(spec, record, seed-0 weights or None)`` is called here, in this process, as
-        each run finishes, so finished runs are kept even if a later one fails. The first failure is raised."""
-        futures = {self.executor.submit(_train, spec): spec for spec in specs}
+    def map(self, items: list, done: Callable[..., None]) -> None:
+        """Run ``work`` on every item; ``done(item, *result)`` is called here, in this process, as each one
+        finishes, so finished runs are kept even if a later one fails. The first failure is raised."""
+        futures = {self.executor.submit(_run, item): item for item in items}
         try:
             for future in as_completed(futures):
                 done(futures[future], *future.result())
