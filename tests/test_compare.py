@@ -238,3 +238,20 @@ def test_worker_count_follows_the_free_cores(monkeypatch):
     assert lab_pool.lab_workers() == 4 and lab_pool.lab_workers(smoke=True) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what apply_cpu_thread_settings sets when 3 cores are busy
     assert lab_pool.lab_workers() == 1
+
+
+def test_a_failed_worker_run_is_raised_and_nothing_of_it_is_cached(cache, records, monkeypatch):
+    """A run that fails in a worker raises here with its own message; the pool is stopped, the runs that
+    finished are kept, nothing is cached for the failed one, and the next call starts a new pool."""
+    monkeypatch.setenv("MINIGPT_LAB_WORKERS", "2")
+    lab = compare.Lab(smoke=True)
+    good = lab.spec("lora", 3e-3, 0)
+    bad = lab.spec("lora", 3e-3, 0, targets=("no_such_layer",))
+    with pytest.raises(ValueError, match="no_such_layer"):
+        lab.runs([good, bad])
+    assert lab._pool is None
+    assert not lab._path(bad).exists()
+    fresh = lab.runs([good, lab.spec("lora", 3e-3, 1)])  # a new pool (or the cache for a run that finished)
+    assert [r["seed"] for r in fresh] == [0, 1] and lab._path(good).is_file()
+    if lab._pool is not None:
+        lab._pool.close()
