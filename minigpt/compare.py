@@ -186,7 +186,7 @@ class Lab:
     """The pretrained base, the data and the run cache, shared by every experiment of chapters 06-10.
 
     ``smoke`` shrinks everything to seconds (micro model, a few steps, a few prompts); ``cache`` False
-    recomputes every run.
+    recomputes every run. Runs asked for together train :attr:`workers` at a time (:func:`lab_workers`).
     """
 
     def __init__(self, smoke: bool | None = None, cache: bool = True, progress: bool = False):
@@ -275,13 +275,14 @@ class Lab:
                 state = {"base": self.base, "data": self.data, "eval_batches": self.eval_batches}
                 self._pool = LabPool(_train_in_worker, state, self.workers)
                 weakref.finalize(self, self._pool.close)
+
             def done(spec: RunSpec, record: dict, weights: bytes | None) -> None:
                 records[spec] = self._finish(spec, record, weights)
 
             try:
                 self._pool.map(missing, done)
             except BaseException:
-                self._pool = None  # train() stopped it; a later call starts a new one
+                self._pool = None  # map() stopped it; a later call starts a new one
                 raise
         else:
             for spec in missing:
