@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=0, metavar="N",
                         help="idle cores only: one process against N single-thread processes at once")
     args = parser.parse_args()
+    if args.pool < 0 or args.steps < 1:
+        parser.error(f"--pool must be >= 0 and --steps >= 1, got --pool {args.pool} --steps {args.steps}")
     if args.pool:
         return pool_table(args.steps, args.workload, args.pool)
     if args.speed:
