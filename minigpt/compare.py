@@ -46,14 +46,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 from minigpt.adapters import save_adapter
 from minigpt.analysis import delta_ratio
 from minigpt.dora import replace_linear_with_dora
 from minigpt.finetune import FinetuneData, finetune_context, finetune_data, finetune_loaders, measure, task_accuracy
 from minigpt.io import UserError, atomic_write_bytes, cache_dir, check_float, check_int
-from minigpt.lab_pool import LabPool, lab_workers, trainable_bytes
+from minigpt.lab_pool import LabPool, lab_workers
 from minigpt.lora import count_parameters, replace_linear_with_lora
 from minigpt.pissa import replace_linear_with_pissa
 from minigpt.train import TrainConfig, evaluate, resolve_precision, save_checkpoint, seed_everything, train
@@ -174,6 +174,11 @@ def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: i
                        {"step": spec.steps, "val_accuracy": record["val_accuracy"],
                         "shakespeare_loss": evaluate(model, shakespeare_val, curve_batches)}]
     return model, record
+
+
+def trainable_bytes(model: nn.Module) -> bytes:
+    """The tensors fine-tuning changed (those that require grad), as the bytes of a safetensors file."""
+    return save({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad})
 
 
 def _train_in_worker(state: dict, spec: RunSpec) -> tuple[dict, bytes | None]:

@@ -8,8 +8,9 @@ tokens/s of one two-thread process in float32 and 1.4-2.0x in bf16, which pays a
 the lab's former float32 single-process setting. A course run gains ~1.3-1.5x per chapter: groups of three
 runs leave one core idle for a third of the time, and each run's evaluation is a fixed cost.
 
-A worker gets the base model and the data once, when it starts, and sends back each run's record and, for
-seed 0, its trainable tensors as safetensors bytes; the parent writes the cache, so only one process writes.
+A worker gets the shared state (for the lab: the base model and the data) once, when it starts, and sends
+back only what the work function returns; the lab's parent process writes the cache, so only one process
+writes (:meth:`minigpt.compare.Lab.runs`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from minigpt.io import UserError
 
-MAX_WORKERS = 8  # each worker holds a copy of the base model and the data: ~0.3 GB
+MAX_WORKERS = 8  # each worker holds its own torch and its own copy of the state (the base model, the data)
 _STATE: dict = {}
 
 
@@ -47,13 +48,6 @@ def lab_workers(smoke: bool = False) -> int:
     if budget.strip().isdigit() and int(budget) >= 1:
         cores = min(cores, int(budget))
     return max(1, min(cores, MAX_WORKERS))
-
-
-def trainable_bytes(model: torch.nn.Module) -> bytes:
-    """The tensors fine-tuning changed (those that require grad), as the bytes of a safetensors file."""
-    from safetensors.torch import save
-
-    return save({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad})
 
 
 def _start_worker(work: Callable, state: bytes) -> None:
