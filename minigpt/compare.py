@@ -92,7 +92,9 @@ class RunSpec:
     alpha: float = DEFAULT_ALPHA
     steps: int = DEFAULT_STEPS
     batch_size: int = BATCH_SIZE
-    curve_every: int | None = None  # evaluate task accuracy and forgetting every this many steps (None: steps // 4)
+    # Evaluate task accuracy and forgetting every this many steps (None: steps // 4; 0: at the start and the end
+    # only, for runs whose curve no chapter plots: each point costs about a second).
+    curve_every: int | None = None
     targets: tuple[str, ...] | None = None  # module names to adapt (None: every linear layer of the blocks)
 
     def __post_init__(self) -> None:
@@ -105,7 +107,7 @@ class RunSpec:
         check_int("steps", self.steps, 1)
         check_int("batch_size", self.batch_size, 1)
         if self.curve_every is not None:
-            check_int("curve_every", self.curve_every, 1)
+            check_int("curve_every", self.curve_every, 0)
         else:
             object.__setattr__(self, "curve_every", max(1, self.steps // 4))
         if self.targets is not None:
@@ -142,23 +144,35 @@ def checkpoint_bytes(model: nn.Module, method: str) -> int:
         return path.stat().st_size
 
 
-def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: int = 20,
-             progress: bool = False) -> tuple[nn.Module, dict]:
-    """Fine-tune a copy of ``base`` as ``spec`` says; returns the model and its record (uncached)."""
-    model = prepare_model(base, spec.method, spec.rank, spec.alpha, spec.seed, spec.targets)
-    train_loader, _, shakespeare_val = finetune_loaders(data, finetune_context(base), spec.batch_size, seed=spec.seed)
-    curve: list[dict] = []
+def curve_point(model: nn.Module, data: FinetuneData, eval_batches: int = 20, step: int = 0,
+                val_accuracy: float | None = None) -> dict:
+    """One point of a learning-forgetting curve: validation accuracy (unless given), and forgetting on a
+    quarter of the evaluation batches (a cheaper estimate than the final one)."""
+    _, _, shakespeare_val = finetune_loaders(data, finetune_context(model), BATCH_SIZE)
+    if val_accuracy is None:
+        val_accuracy = task_accuracy(model, data.task_val)
+    return {"step": step, "val_accuracy": val_accuracy,
+            "shakespeare_loss": evaluate(model, shakespeare_val, max(1, eval_batches // 4))}
 
-    curve_batches = max(1, eval_batches // 4)  # a cheaper forgetting estimate at the intermediate points
+
+def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: int = 20,
+             progress: bool = False, start: dict | None = None) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of ``base`` as ``spec`` says; returns the model and its record (uncached).
+
+    ``start`` is the curve's first point, ``curve_point(base, data, eval_batches)``: the same for every run
+    on one base, so the lab computes it once.
+    """
+    model = prepare_model(base, spec.method, spec.rank, spec.alpha, spec.seed, spec.targets)
+    train_loader, _, _ = finetune_loaders(data, finetune_context(base), spec.batch_size, seed=spec.seed)
+    curve: list[dict] = []
 
     def checkpoint(step: int, current: nn.Module) -> None:
         if step < spec.steps:
-            curve.append({"step": step, "val_accuracy": task_accuracy(current, data.task_val),
-                          "shakespeare_loss": evaluate(current, shakespeare_val, curve_batches)})
+            curve.append(curve_point(current, data, eval_batches, step))
 
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, min_lr=spec.lr / 10, warmup_steps=max(1, spec.steps // 10),
                       weight_decay=WEIGHT_DECAY, seed=spec.seed, device="cpu", progress=progress,
-                      eval_interval=spec.curve_every, precision=LAB_PRECISION)
+                      eval_interval=spec.curve_every or spec.steps, precision=LAB_PRECISION)
     history = train(model, train_loader, None, cfg, callback=checkpoint)
     model.eval()
     record = {"method": spec.method, "seed": spec.seed, "lr": spec.lr, "rank": spec.rank, "alpha": spec.alpha,
@@ -169,10 +183,8 @@ def finetune(base: nn.Module, spec: RunSpec, data: FinetuneData, eval_batches: i
               "checkpoint_bytes": checkpoint_bytes(model, spec.method),
               "train_loss_last": sum(history.train_loss[-20:]) / len(history.train_loss[-20:]),
               "train_loss": history.train_loss}
-    record["curve"] = [{"step": 0, "val_accuracy": task_accuracy(base, data.task_val),
-                        "shakespeare_loss": evaluate(base, shakespeare_val, curve_batches)}, *curve,
-                       {"step": spec.steps, "val_accuracy": record["val_accuracy"],
-                        "shakespeare_loss": evaluate(model, shakespeare_val, curve_batches)}]
+    record["curve"] = [start or curve_point(base, data, eval_batches), *curve,
+                       curve_point(model, data, eval_batches, spec.steps, record["val_accuracy"])]
     return model, record
 
 
@@ -183,7 +195,7 @@ def trainable_bytes(model: nn.Module) -> bytes:
 
 def _train_in_worker(state: dict, spec: RunSpec) -> tuple[dict, bytes | None]:
     """One run in a :class:`~minigpt.lab_pool.LabPool` worker: its record, and seed 0's trainable tensors."""
-    model, record = finetune(state["base"], spec, state["data"], state["eval_batches"])
+    model, record = finetune(state["base"], spec, state["data"], state["eval_batches"], start=state["start"])
     return record, trainable_bytes(model) if spec.seed == 0 else None
 
 
@@ -213,6 +225,7 @@ class Lab:
         self.precision = resolve_precision(LAB_PRECISION, torch.device("cpu"))
         self._pool: LabPool | None = None
         self._before: dict | None = None
+        self._start: dict | None = None
 
     def spec(self, method: str, lr: float, seed: int = 0, **changes) -> RunSpec:
         """A :class:`RunSpec` with this lab's defaults (smoke: a few steps, small batches)."""
@@ -227,6 +240,12 @@ class Lab:
         if self._before is None:
             self._before = measure(self.base, self.data, max_batches=self.eval_batches)
         return self._before
+
+    def start(self) -> dict:
+        """The first point of every run's learning-forgetting curve: the pretrained model's."""
+        if self._start is None:
+            self._start = curve_point(self.base, self.data, self.eval_batches)
+        return self._start
 
     def _path(self, spec: RunSpec) -> Path:
         config = {**dataclasses.asdict(spec), "lab": LAB_VERSION, "eval_batches": self.eval_batches,
@@ -277,7 +296,8 @@ class Lab:
         missing = [spec for spec, record in records.items() if record is None]
         if len(missing) > 1 and self.workers > 1:
             if self._pool is None:
-                state = {"base": self.base, "data": self.data, "eval_batches": self.eval_batches}
+                state = {"base": self.base, "data": self.data, "eval_batches": self.eval_batches,
+                         "start": self.start()}
                 self._pool = LabPool(_train_in_worker, state, self.workers)
                 weakref.finalize(self, self._pool.close)
 
@@ -300,7 +320,7 @@ class Lab:
         return record
 
     def _train(self, spec: RunSpec) -> tuple[nn.Module, dict]:
-        model, record = finetune(self.base, spec, self.data, self.eval_batches, self.progress)
+        model, record = finetune(self.base, spec, self.data, self.eval_batches, self.progress, self.start())
         return model, self._finish(spec, record, trainable_bytes(model) if spec.seed == 0 else None)
 
     def model(self, spec: RunSpec) -> nn.Module:

@@ -255,3 +255,22 @@ def test_a_failed_worker_run_is_raised_and_nothing_of_it_is_cached(cache, record
     assert [r["seed"] for r in fresh] == [0, 1] and lab._path(good).is_file()
     if lab._pool is not None:
         lab._pool.close()
+
+
+def test_curve_points_do_not_change_the_run(cache, records):
+    """``curve_every=0`` keeps only the curve's start and end; the evaluations in between leave training alone,
+    and the start the lab computes once equals the one a run would compute for itself."""
+    lab = compare.Lab(smoke=True, cache=False)
+    plain = compare.RunSpec("lora", 3e-3, 0, steps=8, batch_size=4, curve_every=0)
+    _, without = compare.finetune(lab.base, plain, lab.data, lab.eval_batches)
+    _, with_curve = compare.finetune(lab.base, compare.RunSpec("lora", 3e-3, 0, steps=8, batch_size=4, curve_every=2),
+                                     lab.data, lab.eval_batches, start=lab.start())
+    assert [p["step"] for p in without["curve"]] == [0, 8]
+    assert [p["step"] for p in with_curve["curve"]] == [0, 2, 4, 6, 8]
+    assert without["curve"][0] == lab.start() == with_curve["curve"][0]
+    assert without["curve"][-1] == with_curve["curve"][-1]
+    assert without["curve"][-1]["val_accuracy"] == without["val_accuracy"]
+    for key in ("train_loss", "task_accuracy", "domain_loss", "shakespeare_loss", "delta_ratio"):
+        assert without[key] == with_curve[key], key
+    with pytest.raises(ValueError, match="curve_every"):
+        compare.RunSpec("lora", 3e-3, curve_every=-1)
