@@ -32,6 +32,7 @@ class Recipe:
     lr: float
     seed: int = 123
     precision: str = "auto"  # TrainConfig.precision: bf16 autocast where the hardware has it, else fp32
+    optimizer: str = "adamw"  # TrainConfig.optimizer: "adamw", or "muon" for the blocks' matrices
 
     @property
     def name(self) -> str:
@@ -39,13 +40,14 @@ class Recipe:
         on the default device, which the weights depend on."""
         vocab = hashlib.sha256(COMPACT_VOCAB_FILE.read_bytes()).hexdigest()[:8]
         precision = resolve_precision(self.precision, choose_device(None))
-        return (f"{self.preset}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}-vocab{vocab}"
-                f"-{precision}")
+        optimizer = "" if self.optimizer == "adamw" else f"-{self.optimizer}"
+        return (f"{self.preset}-s{self.steps}-b{self.batch_size}-lr{self.lr:g}{optimizer}-seed{self.seed}"
+                f"-vocab{vocab}-{precision}")
 
 
 # Chosen with scripts/sweep_pretraining.py (docs/pretraining_sweep.md): at equal training time on 2 CPU cores,
 # short windows in large batches (32 x 64) beat 128 x 16, a bigger vocabulary or a higher lr. ~3 minutes.
-TINY = Recipe(preset="tiny", steps=1200, batch_size=64, lr=6e-3)
+TINY = Recipe(preset="tiny", steps=1200, batch_size=64, lr=1e-2, optimizer="muon")
 # Smoke mode: seconds, for tests. The model is tiny and barely trained: only the plumbing is checked.
 SMOKE = Recipe(preset="micro", steps=30, batch_size=8, lr=3e-3)
 
@@ -99,7 +101,7 @@ def pretrain(recipe: Recipe = TINY, progress: bool = True, checkpoint: Path | st
                     TrainConfig(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10,
                                 warmup_steps=min(50, recipe.steps // 10), eval_interval=max(1, recipe.steps // 10),
                                 eval_batches=10, seed=recipe.seed, device=device, progress=progress,
-                                precision=recipe.precision))
+                                precision=recipe.precision, optimizer=recipe.optimizer))
     if checkpoint:  # written only after a finished run: a diverged one raises above and leaves the file
         save_checkpoint(checkpoint, model, step=recipe.steps, extra=recipe_metadata(recipe))
     return model, history

@@ -30,6 +30,7 @@ from minigpt import keep_freed_memory
 from minigpt.io import (UserError, UserTypeError, atomic_save_file, check_float, check_int, read_safetensors,
                         refuse_non_finite, tensor_digest)
 from minigpt.model import GPTConfig, GPTModel
+from minigpt.muon import BatchedMuon, MuonWithAdamW
 
 
 def check_device_name(requested: str | None) -> str | None:
@@ -75,6 +76,7 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": see resolve_precision
+    optimizer: str = "adamw"  # "adamw", or "muon" for the blocks' weight matrices (see make_optimizer)
 
     def __post_init__(self) -> None:
         """Check every field; NumPy scalars are accepted and stored as Python numbers."""
@@ -97,6 +99,8 @@ class TrainConfig:
         check_device_name(self.device)
         if self.precision not in PRECISIONS:
             raise UserError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not isinstance(self.progress, (bool, np.bool_)):
             raise UserTypeError(f"TrainConfig.progress must be True or False, got {self.progress!r}")
         self.progress = bool(self.progress)
@@ -138,6 +142,7 @@ class TrainingDiverged(UserError):
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -219,15 +224,30 @@ def forever(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases, LayerNorms and 1-D adapters."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW | MuonWithAdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, LayerNorms and 1-D adapters.
+
+    With ``cfg.optimizer == "muon"`` the weight matrices inside the blocks go to Muon instead
+    (:class:`MuonWithAdamW`); the embeddings (and so the tied output head) stay with AdamW.
+    """
+    decay, no_decay, matrices = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if cfg.optimizer == "muon" and param.dim() == 2 and name.startswith("blocks."):
+            matrices.append(param)
+        else:
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    if not matrices:  # "adamw", or nothing for Muon to train
+        return adamw
+    # "match_rms_adamw" scales Muon's orthogonal update to AdamW's typical size (0.2 * sqrt(max(rows, cols))),
+    # so one learning rate and one schedule serve both optimizers (Liu et al., 2025, arXiv:2502.16982, sec. 2.2).
+    muon = BatchedMuon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonWithAdamW(adamw, muon)
+
 
 
 def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable | None, cfg: TrainConfig,

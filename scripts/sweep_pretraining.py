@@ -42,6 +42,7 @@ class Run:
     lr: float
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # TrainConfig.optimizer: "muon" for the blocks' matrices (minigpt.muon)
 
 
 def forward_flops_per_token(run: Run, vocab_len: int) -> float:
@@ -73,6 +74,9 @@ GRID = [
     Run(4096, 6, 128, 4, 32, 64, 6e-3, 0.1),
     Run(4096, 4, 128, 4, 64, 32, 6e-3, 0.1),
     Run(4096, 4, 128, 4, 32, 64, 8e-3, 0.0),
+    # Muon for the blocks' matrices (minigpt.muon), AdamW for the rest, one lr for both
+    Run(4096, 4, 128, 4, 32, 64, 6e-3, 0.1, optimizer="muon"),
+    Run(4096, 4, 128, 4, 32, 64, 1e-2, 0.1, optimizer="muon"),
 ]
 
 def measured_tokens_per_second(cfg: GPTConfig, run: Run, steps: int = 8) -> float:
@@ -82,7 +86,7 @@ def measured_tokens_per_second(cfg: GPTConfig, run: Run, steps: int = 8) -> floa
     cpu = torch.device("cpu")
     precision = resolve_precision("auto", cpu)
     model = GPTModel(cfg)
-    optimizer = make_optimizer(model, TrainConfig(steps=steps, warmup_steps=1))
+    optimizer = make_optimizer(model, TrainConfig(steps=steps, warmup_steps=1, optimizer=run.optimizer))
     x = torch.randint(0, cfg.vocab_size, (run.batch, run.context))
     for i in range(steps + 2):
         if i == 2:
@@ -109,11 +113,11 @@ def run_one(run: Run, budget_seconds: float, seed: int = 123, save: Path | None 
     history = train(model, loader, None, TrainConfig(steps=steps, lr=run.lr, min_lr=run.lr * run.min_lr_ratio,
                                                       weight_decay=run.weight_decay,
                                                       warmup_steps=min(50, steps // 10), seed=seed, device="cpu",
-                                                      progress=False))
+                                                      progress=False, optimizer=run.optimizer))
     result = nats_per_character(model, val_ids, vocab.decode)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
-        stem = f"v{run.vocab}-l{run.n_layer}-d{run.n_embd}-t{run.context}-b{run.batch}-lr{run.lr:g}"
+        stem = f"v{run.vocab}-l{run.n_layer}-d{run.n_embd}-t{run.context}-b{run.batch}-lr{run.lr:g}-{run.optimizer}"
         save_checkpoint(save / f"{stem}.safetensors", model)
         vocab.save(save / f"{stem}.vocab.json")
     return {**run.__dict__, "vocab_len": len(vocab), "params": sum(p.numel() for p in model.parameters()),
@@ -125,10 +129,11 @@ def run_one(run: Run, budget_seconds: float, seed: int = 123, save: Path | None 
 
 def markdown_table(rows: list[dict]) -> str:
     """The sweep's results as the Markdown table of docs/pretraining_sweep.md, best nats/char first."""
-    lines = ["| vocab | layers x width | context x batch | peak lr | final lr | precision | steps | tokens | train s "
-             "| tokens/s | nats/char |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| vocab | layers x width | context x batch | optimizer | peak lr | final lr | precision | steps | tokens "
+             "| train s | tokens/s | nats/char |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["nats_per_char"]):
-        lines.append(f"| {r['vocab_len']:,} | {r['n_layer']} x {r['n_embd']} | {r['context']} x {r['batch']} | {r['lr']:g} "
+        lines.append(f"| {r['vocab_len']:,} | {r['n_layer']} x {r['n_embd']} | {r['context']} x {r['batch']} "
+                     f"| {r.get('optimizer', 'adamw')} | {r['lr']:g} "
                      f"| {r['min_lr_ratio']:g} x | {r.get('precision', 'fp32')} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} | {r['tokens_per_second']:,} "
                      f"| {r['nats_per_char']:.3f} |")
     return "\n".join(lines)

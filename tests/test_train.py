@@ -202,3 +202,96 @@ def test_keep_freed_memory_respects_a_configured_malloc(monkeypatch):
         monkeypatch.delenv(key)
     assert minigpt.keep_freed_memory() is True  # the test machines run Linux with glibc
     assert minigpt.keep_freed_memory() is True  # idempotent
+
+
+def muon_run(steps=12, seed=3, **kw):
+    torch.manual_seed(seed)
+    model = GPTModel(CFG)
+    history = train(model, make_loader(IDS, 8, 4, seed=seed), None,
+                    TrainConfig(steps=steps, lr=1e-2, warmup_steps=2, seed=seed, progress=False, optimizer="muon"), **kw)
+    return model, history
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    from minigpt.train import MuonWithAdamW, make_optimizer
+
+    model = GPTModel(CFG)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"))
+    assert isinstance(optimizer, MuonWithAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    in_adamw = {names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
+    assert "tok_emb.weight" in in_adamw and not in_adamw & in_muon
+    assert len(in_adamw | in_muon) == len(list(model.parameters()))  # the tied head is the embedding
+    assert isinstance(make_optimizer(model, TrainConfig()), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, muon"):
+        TrainConfig(optimizer="sgd")
+
+
+def test_a_muon_step_is_orthogonal():
+    """Muon's update of a matrix has all its singular values close to one another (1.0 after exact
+    orthogonalisation); AdamW's first step (lr times the gradient's signs) has a random matrix's spread."""
+    from minigpt.train import make_optimizer
+
+    updates = {}
+    for name in ("adamw", "muon"):
+        torch.manual_seed(0)
+        model = GPTModel(CFG)
+        cfg = TrainConfig(lr=1e-3, weight_decay=0.0, optimizer=name)
+        optimizer = make_optimizer(model, cfg)
+        before = model.blocks[0].attn.query.weight.detach().clone()  # square: AdamW's spread is wide
+        for param in model.parameters():  # five Newton-Schulz steps bring every singular value to ~0.7-1.2
+            param.grad = torch.randn_like(param)
+        optimizer.step()
+        updates[name] = torch.linalg.svdvals(model.blocks[0].attn.query.weight.detach() - before)
+    spread = {name: float(s.max() / s.min()) for name, s in updates.items()}
+    assert spread["muon"] < 2.0 and spread["adamw"] > 5.0, spread
+
+
+def test_muon_resume_equals_uninterrupted(tmp_path):
+    _, full = muon_run()
+    ckpt = tmp_path / "run.safetensors"
+    _, first = muon_run(checkpoint=ckpt, stop_after=5)
+    _, second = muon_run(checkpoint=ckpt, resume=True)
+    np.testing.assert_allclose(first.train_loss + second.train_loss, full.train_loss, rtol=1e-5)
+    assert np.mean(full.train_loss[-3:]) < np.mean(full.train_loss[:3])
+    adamw_ckpt = tmp_path / "adamw.safetensors"
+    run(steps=2, checkpoint=adamw_ckpt)
+    with pytest.raises(ValueError, match="parameter groups"):
+        muon_run(checkpoint=adamw_ckpt, resume=True)
+
+
+def test_batched_muon_matches_torch_muon():
+    """minigpt.muon.BatchedMuon batches the Newton-Schulz iterations; its steps are torch.optim.Muon's."""
+    from minigpt.muon import BatchedMuon
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in ((16, 16), (16, 16), (64, 16), (16, 64))]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    settings = dict(lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    optimizers = BatchedMuon(ours, **settings), torch.optim.Muon(reference, **settings)
+    for _ in range(3):
+        for a, b in zip(ours, reference):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-4)  # bf16 iterations: batched vs one by one
+    assert optimizers[0].state_dict()["state"][0]["momentum_buffer"].shape == (16, 16)
+    from minigpt.muon import NS_COEFFICIENTS
+    assert optimizers[1].defaults["ns_coefficients"] == NS_COEFFICIENTS
+
+
+def test_the_recipe_optimizer_reaches_pretraining():
+    """The course's recipe names its optimizer (a cache key) and pretrain() trains with it."""
+    from dataclasses import replace
+
+    from minigpt.pretrained import SMOKE, TINY, pretrain
+
+    assert TINY.optimizer == "muon" and "-muon-" in TINY.name and "muon" not in SMOKE.name
+    short = replace(SMOKE, steps=3)
+    losses = {name: pretrain(replace(short, optimizer=name), progress=False)[1].train_loss for name in ("adamw", "muon")}
+    assert losses["adamw"][0] == losses["muon"][0]  # the same start; the first update differs
+    assert losses["adamw"][1:] != losses["muon"][1:]
