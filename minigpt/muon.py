@@ -10,7 +10,7 @@ and position embeddings (and so the tied output head), biases and LayerNorms kee
 code. Liu et al. (2025, "Muon is Scalable for LLM Training", arXiv:2502.16982, sec. 2.2) scale the update by
 ``0.2 sqrt(max(rows, cols))`` so that its RMS matches AdamW's and one learning rate serves both
 (``adjust_lr_fn="match_rms_adamw"``). In ``scripts/sweep_pretraining.py`` it lowered held-out Shakespeare
-from 1.573 to about 1.50 nats per character in the same three CPU minutes (``docs/pretraining_sweep.md``).
+from about 1.57 to 1.49 nats per character in the same three CPU minutes (``docs/pretraining_sweep.md``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class BatchedMuon(torch.optim.Muon):
 
     Same update as its parent (``tests/test_train.py`` compares the two), but one batched matmul for the
     sixteen 128 x 128 attention matrices of the tiny model instead of sixteen small ones: on 2 CPU cores the
-    optimizer step took 23 ms with the parent and about a third of that batched, in a 125 ms training step.
+    optimizer step took 23 ms with the parent and 13-15 ms batched, in a training step of about 125 ms.
     """
 
     @torch.no_grad()
