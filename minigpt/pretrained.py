@@ -46,7 +46,8 @@ class Recipe:
 
 
 # Chosen with scripts/sweep_pretraining.py (docs/pretraining_sweep.md): at equal training time on 2 CPU cores,
-# short windows in large batches (32 x 64) beat 128 x 16, a bigger vocabulary or a higher lr. ~3 minutes.
+# short windows in large batches (32 x 64) beat 128 x 16 or a bigger vocabulary, and Muon for the blocks'
+# matrices beat AdamW (1.49 against 1.57 nats/char on held-out Shakespeare). ~3 minutes.
 TINY = Recipe(preset="tiny", steps=1200, batch_size=64, lr=1e-2, optimizer="muon")
 # Smoke mode: seconds, for tests. The model is tiny and barely trained: only the plumbing is checked.
 SMOKE = Recipe(preset="micro", steps=30, batch_size=8, lr=3e-3)

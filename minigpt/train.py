@@ -249,7 +249,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return MuonWithAdamW(adamw, muon)
 
 
-
 def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable | None, cfg: TrainConfig,
           checkpoint: Path | str | None = None, resume: bool = False,
           stop_after: int | None = None, callback: Callable[[int, torch.nn.Module], None] | None = None) -> History:
