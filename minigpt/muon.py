@@ -23,15 +23,34 @@ from minigpt.io import UserError
 
 # The quintic's coefficients (Jordan et al.), chosen for the steepest slope at zero; torch.optim.Muon's defaults.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# How the step is scaled for a matrix's shape: None or "original" (Jordan et al.), "match_rms_adamw" (Liu et al.).
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
-class BatchedMuon(torch.optim.Muon):
-    """``torch.optim.Muon`` with the Newton-Schulz iterations of same-shaped matrices run as one batch.
+class BatchedMuon(torch.optim.Optimizer):
+    """Muon with the Newton-Schulz iterations of same-shaped matrices run as one batch.
 
-    Same update as its parent (``tests/test_train.py`` compares the two), but one batched matmul for the
-    sixteen 128 x 128 attention matrices of the tiny model instead of sixteen small ones: on 2 CPU cores the
-    optimizer step took 23 ms with the parent and 13-15 ms batched, in a training step of about 125 ms.
+    The same algorithm, defaults and state as ``torch.optim.Muon`` (torch 2.9 and later; ``tests/test_train.py``
+    compares the two step for step), written here so that the course also runs on the older torch its
+    requirements allow, and batched: one matmul for the sixteen 128 x 128 attention matrices of the tiny model
+    instead of sixteen small ones. On 2 CPU cores the optimizer step took 23 ms with ``torch.optim.Muon`` and
+    13-15 ms batched, in a training step of about 125 ms.
     """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None):
+        if adjust_lr_fn not in ADJUST_LR_FNS:
+            raise UserError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise UserError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn))
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.dim() != 2:
+                    raise UserError(f"Muon trains matrices only; got a parameter of shape {tuple(param.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -80,11 +99,9 @@ def newton_schulz(matrices: torch.Tensor, coefficients: tuple[float, float, floa
 def update_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """The factor on the learning rate for a matrix of ``shape``, as ``torch.optim.Muon`` computes it."""
     rows, cols = shape[:2]
-    if adjust_lr_fn is None or adjust_lr_fn == "original":  # Jordan et al.
-        return math.sqrt(max(1, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":  # Liu et al.: the RMS of an AdamW update
         return 0.2 * math.sqrt(max(rows, cols))
-    return 1.0
+    return math.sqrt(max(1, rows / cols))  # Jordan et al.
 
 
 class MuonWithAdamW:
@@ -94,7 +111,7 @@ class MuonWithAdamW:
     :meth:`state_dict`, as for a single optimizer.
     """
 
-    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+    def __init__(self, adamw: torch.optim.AdamW, muon: BatchedMuon):
         self.adamw, self.muon = adamw, muon
 
     @property

@@ -266,6 +266,9 @@ def test_batched_muon_matches_torch_muon():
     """minigpt.muon.BatchedMuon batches the Newton-Schulz iterations; its steps are torch.optim.Muon's."""
     from minigpt.muon import BatchedMuon
 
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch 2.9 or later")
+
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(shape)) for shape in ((16, 16), (16, 16), (64, 16), (16, 64))]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
@@ -295,3 +298,12 @@ def test_the_recipe_optimizer_reaches_pretraining():
     losses = {name: pretrain(replace(short, optimizer=name), progress=False)[1].train_loss for name in ("adamw", "muon")}
     assert losses["adamw"][0] == losses["muon"][0]  # the same start; the first update differs
     assert losses["adamw"][1:] != losses["muon"][1:]
+
+
+def test_batched_muon_refuses_what_it_cannot_train():
+    from minigpt.muon import BatchedMuon
+
+    with pytest.raises(ValueError, match="matrices only.*\\(16,\\)"):
+        BatchedMuon([torch.nn.Parameter(torch.zeros(16))])
+    with pytest.raises(ValueError, match="adjust_lr_fn must be one of"):
+        BatchedMuon([torch.nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="adamw")
