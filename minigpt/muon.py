@@ -84,6 +84,9 @@ class BatchedMuon(torch.optim.Optimizer):
 def newton_schulz(matrices: torch.Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately ``U V^T`` for each matrix ``U S V^T`` of a (batch, rows, cols) stack, in bf16."""
+    if matrices.dim() != 3:
+        raise UserError(f"matrices must be a (batch, rows, cols) stack, got shape {tuple(matrices.shape)}; "
+                        "for one matrix m pass m[None]")
     a, b, c = coefficients
     x = matrices.bfloat16()
     tall = x.shape[-2] > x.shape[-1]

@@ -307,3 +307,7 @@ def test_batched_muon_refuses_what_it_cannot_train():
         BatchedMuon([torch.nn.Parameter(torch.zeros(16))])
     with pytest.raises(ValueError, match="adjust_lr_fn must be one of"):
         BatchedMuon([torch.nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="adamw")
+    from minigpt.muon import newton_schulz
+
+    with pytest.raises(ValueError, match=r"matrices must be a \(batch, rows, cols\) stack, got shape \(4, 4\)"):
+        newton_schulz(torch.ones(4, 4))
