@@ -27,6 +27,7 @@ import torch
 
 from minigpt.data import (Example, encode_examples, encoded, exact_match_accuracy, make_loader,
                           make_task_examples, docs_parts)
+from minigpt.model import GPTModel
 from minigpt.tokenizer import get_compact_vocab
 from minigpt.train import evaluate
 
@@ -86,6 +87,15 @@ def finetune_loaders(data: FinetuneData, context_length: int, batch_size: int, s
             make_loader(data.shakespeare_val_ids, context_length, 32, shuffle=False))
 
 
+def last_logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """The next-token logits at the last position, (batch, vocab). A :class:`GPTModel` applies its output
+    head to that position alone: the vocabulary-wide matmul is the largest of a small model, and greedy
+    answers need no other position."""
+    if isinstance(model, GPTModel):
+        return model.lm_head(model.hidden(idx)[:, -1])
+    return model(idx)[:, -1, :]
+
+
 @torch.no_grad()
 def answer(model: torch.nn.Module, prompts: list[str], max_new_tokens: int = 6) -> list[str]:
     """Greedy answers to ``prompts`` (text up to the first newline), batched by prompt length."""
@@ -101,7 +111,7 @@ def answer(model: torch.nn.Module, prompts: list[str], max_new_tokens: int = 6) 
     for length, rows in by_length.items():
         idx = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=device)
         for _ in range(max_new_tokens):
-            logits = model(idx[:, -model.cfg.context_length:])[:, -1, :]
+            logits = last_logits(model, idx[:, -model.cfg.context_length:])
             idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
         for row, ids in zip(rows, idx[:, length:].tolist()):
             answers[row] = vocab.decode(ids).split("\n")[0]

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from minigpt.data import Example
-from minigpt.finetune import answer, finetune_data, task_accuracy
+from minigpt.finetune import answer, finetune_data, last_logits, task_accuracy
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.tokenizer import get_compact_vocab
 
@@ -47,3 +47,23 @@ def test_answer_and_accuracy():
     assert task_accuracy(model, examples) == 0.0  # " lord lord lord ..." is not "lord"
     assert task_accuracy(Echo(lord), examples[:1] * 2) == 0.0
     assert task_accuracy(GPTModel(GPTConfig.from_preset("micro")), examples) in (0.0, 0.5, 1.0)
+
+
+class Wrapped(torch.nn.Module):
+    """A model answer() cannot recognise as a GPTModel: it takes the logits of every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+
+    def forward(self, idx):
+        return self.model(idx)
+
+
+def test_answer_takes_the_head_at_the_last_position_only_with_the_same_answers():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("micro")).eval()
+    idx = torch.randint(0, 4096, (3, 7))
+    torch.testing.assert_close(last_logits(model, idx), model(idx)[:, -1], rtol=1e-5, atol=1e-5)
+    prompts = ["Turn a b c:", "Turn to be or:", "Turn my good lord:", "Turn x y z:"]
+    assert answer(model, prompts, max_new_tokens=4) == answer(Wrapped(model), prompts, max_new_tokens=4)
