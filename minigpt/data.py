@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import importlib.util
 import random
 import re
@@ -183,7 +184,8 @@ def task_words() -> tuple[str, ...]:
     for word in re.findall(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])", shakespeare_parts()[0]):
         counts[word] = counts.get(word, 0) + 1
     ranked = sorted(counts, key=lambda w: (-counts[w], w))
-    return tuple([w for w in ranked if len(w) >= 2 and len(vocab.encode(" " + w)) == 1][:TASK_WORDS])
+    one_token = (w for w in ranked if len(w) >= 2 and len(vocab.encode(" " + w)) == 1)  # lazy: stop at 100
+    return tuple(itertools.islice(one_token, TASK_WORDS))
 
 
 def is_held_out(words: tuple[str, str, str]) -> bool:
