@@ -15,7 +15,7 @@ only) for the same steps and batches, and is measured the same way. The rules th
 Finished runs are cached as JSON under ``$MINIGPT_CACHE/runs/<pretrained recipe>/`` keyed by their full
 configuration, so chapters that share a run (chapter 06's LoRA baseline is chapter 10's) compute it once.
 Seed 0's trained weights (the trainable tensors only) are cached beside its record, because chapters inspect
-seed 0's model (:meth:`Lab.model`): reading them back costs milliseconds, training again half a minute.
+seed 0's model (:meth:`Lab.model`): reading them back costs milliseconds, training again about fifteen seconds.
 Runs asked for together (:meth:`Lab.runs`, and so :meth:`Lab.tune` and :meth:`Lab.seeds`) train one per core
 in worker processes (:mod:`minigpt.lab_pool`); ``MINIGPT_LAB_WORKERS=1`` trains them one after another here.
 
@@ -99,7 +99,7 @@ class RunSpec:
     steps: int = DEFAULT_STEPS
     batch_size: int = BATCH_SIZE
     # Evaluate task accuracy and forgetting every this many steps (None: steps // 4; 0: at the start and the end
-    # only, for runs whose curve no chapter plots: each point costs about a second).
+    # only, for runs whose curve no chapter plots: each point costs about a third of a second).
     curve_every: int | None = None
     targets: tuple[str, ...] | None = None  # module names to adapt (None: every linear layer of the blocks)
 
