@@ -61,7 +61,7 @@ from minigpt.train import TrainConfig, evaluate, resolve_precision, save_checkpo
 METHODS = ("full", "lora", "rslora", "pissa", "dora")
 # One grid for all methods, in steps of 2x: fine enough for LoRA's narrow window of usable rates, and wide
 # enough that every method's chosen rate has a tried neighbour on both sides (at 200 steps from the
-# Muon-pretrained base; LoRA, rsLoRA and PiSSA diverge at their grid's top).
+# Muon-pretrained base; LoRA, rsLoRA and PiSSA diverge at the grid's top rate).
 LR_GRID = (1.5e-3, 3e-3, 6e-3, 1.2e-2)
 SMOKE_LR_GRID = (1e-3, 5e-3)
 # 200 steps: from the Muon-pretrained base the task is learnt by then (400 steps saturated every method at

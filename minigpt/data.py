@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import importlib.util
+import itertools
 import random
 import re
 import urllib.error

@@ -27,7 +27,7 @@ import torch
 
 from minigpt.data import (Example, encode_examples, encoded, exact_match_accuracy, make_loader,
                           make_task_examples, docs_parts)
-from minigpt.model import GPTModel
+from minigpt.generate import last_logits
 from minigpt.tokenizer import get_compact_vocab
 from minigpt.train import evaluate
 
@@ -86,15 +86,6 @@ def finetune_loaders(data: FinetuneData, context_length: int, batch_size: int, s
     return (make_loader(data.train_ids, context_length, batch_size, seed=seed, loss_mask=data.train_mask),
             make_loader(data.domain_val_ids, context_length, 32, shuffle=False),
             make_loader(data.shakespeare_val_ids, context_length, 32, shuffle=False))
-
-
-def last_logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """The next-token logits at the last position, (batch, vocab). A :class:`GPTModel` applies its output
-    head to that position alone: the vocabulary-wide matmul is the largest of a small model, and greedy
-    answers need no other position."""
-    if isinstance(model, GPTModel):
-        return model.lm_head(model.hidden(idx)[:, -1])
-    return model(idx)[:, -1, :]
 
 
 @torch.no_grad()

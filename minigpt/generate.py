@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from minigpt.io import UserError, check_float, check_int
+from minigpt.model import GPTModel
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
@@ -19,6 +20,15 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
     if top_k is not None:
         top_k = check_int("top_k (None = no limit)", top_k, 1, vocab_size)
     return max_new_tokens, temperature, top_k
+
+
+def last_logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """The next-token logits at the last position, (batch, vocab). A :class:`GPTModel` applies its output
+    head to that position alone: the vocabulary-wide matmul is the largest of a small model, and decoding
+    needs no other position."""
+    if isinstance(model, GPTModel):
+        return model.lm_head(model.hidden(idx)[:, -1])
+    return model(idx)[:, -1, :]
 
 
 @torch.no_grad()
@@ -37,7 +47,7 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
     model.eval()
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context:])[:, -1, :].float()
+        logits = last_logits(model, idx[:, -context:]).float()
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
