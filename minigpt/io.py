@@ -1,12 +1,13 @@
 """Small file helpers and the checks public entry points share.
 
-* Every write in the course goes through a temporary file in the target's folder, fsynced, then renamed
-  onto the target (and the folder fsynced): readers see the old file or the new one, never half of one,
-  and a failure (including Ctrl-C) removes the temporary file. A process killed outright (SIGKILL, power
-  loss) cannot clean up; the next write to the same target removes such orphans.
+* Every write in the course goes through a temporary file in the target's folder, fsynced, then
+  renamed onto the target (and the folder fsynced): readers see the old file or the new one, never
+  half of one, and a failure (including Ctrl-C) removes the temporary file. A process killed
+  outright (SIGKILL, power loss) cannot clean up; the next write to the same target removes such
+  orphans.
 * :func:`cache_dir`: the one cache folder, ``$MINIGPT_CACHE`` or ``~/.cache/minigpt``.
-* :class:`UserError`: a mistake in what the user gave (an argument, a file). The command line prints it
-  as one line and exits with status 2; everything else is a bug and keeps its traceback.
+* :class:`UserError`: a mistake in what the user gave (an argument, a file). The command line prints
+  it as one line and exits with status 2; everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,28 +19,37 @@ import numbers
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 CACHE_ENV = "MINIGPT_CACHE"
 
 
 class UserError(ValueError):
-    """A bad argument or file; the message says what was wrong and what to do. CLI: one line, exit 2."""
+    """A bad argument or file; the message says what was wrong and what to do. CLI: one line, exit
+    2."""
 
     exit_code = 2
 
 
+class WriteError(UserError):
+    """A file that cannot be written where it was asked for (not a folder, no permission, disk
+    full)."""
+
+
 class UserTypeError(UserError, TypeError):
-    """A :class:`UserError` for an argument of the wrong type (still a ``TypeError`` for callers)."""
+    """A :class:`UserError` for an argument of the wrong type (still a ``TypeError`` for
+    callers)."""
 
 
 def cache_dir(*parts: str) -> Path:
-    """The course's cache folder (``$MINIGPT_CACHE``, else ``~/.cache/minigpt``), joined with ``parts``."""
+    """The course's cache folder (``$MINIGPT_CACHE``, else ``~/.cache/minigpt``), joined with
+    ``parts``."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minigpt"
     return Path(root).expanduser().joinpath(*parts)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checks for arguments: numpy scalars count as numbers, bools do not, NaN and inf are refused.
 
 
@@ -54,9 +64,16 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     return value
 
 
-def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None,
-                strict_min: bool = False, strict_max: bool = False) -> float:
-    """``value`` as a finite Python float within the bounds (``strict_*``: the bound itself is excluded)."""
+def check_float(
+    name: str,
+    value,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict_min: bool = False,
+    strict_max: bool = False,
+) -> float:
+    """``value`` as a finite Python float within the bounds (``strict_*``: the bound itself is
+    excluded)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UserTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
@@ -67,7 +84,9 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     if low_bad or high_bad:
         low = "" if minimum is None else f"{'>' if strict_min else '>='} {minimum:g}"
         high = "" if maximum is None else f"{'<' if strict_max else '<='} {maximum:g}"
-        raise UserError(f"{name} must be {' and '.join(p for p in (low, high) if p)}, got {value:g}")
+        raise UserError(
+            f"{name} must be {' and '.join(p for p in (low, high) if p)}, got {value:g}"
+        )
     return value
 
 
@@ -78,12 +97,15 @@ def refuse_non_finite(tensors: dict, source: Path | str) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise UserError(f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); "
-                            "the file is corrupted or was saved from a diverged run")
+            raise UserError(
+                f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); "
+                "the file is corrupted or was saved from a diverged run"
+            )
 
 
 def tensor_digest(tensors: dict) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors``: what a file's content should be."""
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors``: what a file's content should
+    be."""
     import torch
 
     digest = hashlib.sha256()
@@ -105,7 +127,7 @@ def read_json(path: Path | str, what: str = "JSON file"):
         raise UserError(f"{path} is not a valid {what} ({err})") from None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Atomic writes
 
 
@@ -144,7 +166,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_orphans(path: Path) -> None:
-    """Delete temporary files of earlier writes to ``path`` whose process no longer exists (SIGKILL)."""
+    """Delete temporary files of earlier writes to ``path`` whose process no longer exists
+    (SIGKILL)."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp$")
     for candidate in path.parent.glob(f".{path.name}.*.tmp"):
         match = pattern.match(candidate.name)
@@ -153,34 +176,45 @@ def _remove_orphans(path: Path) -> None:
 
 
 def atomic_save_file(save_fn, path: Path | str) -> None:
-    """Call ``save_fn(tmp_path)`` and rename the result onto ``path`` only once it is complete and on disk.
+    """Call ``save_fn(tmp_path)`` and rename the result onto ``path`` only once it is complete and
+    on disk.
 
     The temporary file sits next to ``path`` (same file system, so the rename is atomic), is fsynced
-    before the rename, and is removed if anything fails, Ctrl-C included; the folder is fsynced after.
+    before the rename, and is removed if anything fails, Ctrl-C included; the folder is fsynced
+    after.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(path)
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {_os_reason(path.parent, err)}") from None
     os.close(fd)
     try:
         save_fn(tmp)
         _fsync_path(tmp)
         os.chmod(tmp, _default_mode())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            err.filename = str(path)  # "No space left on device" alone names no file
         raise
     _fsync_path(path.parent, directory=True)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of
+    one."""
     atomic_save_file(lambda tmp: Path(tmp).write_bytes(data), path)
 
 
 def read_safetensors(path: Path | str, kind: str, with_tensors: bool = True) -> tuple[dict, dict]:
-    """``(metadata, tensors)`` of a safetensors file, with one clear error for a missing or broken file.
+    """``(metadata, tensors)`` of a safetensors file, with one clear error for a missing or broken
+    file.
 
     ``kind`` names what the file should be ("checkpoint", "adapter file") in the messages.
     """
@@ -193,6 +227,190 @@ def read_safetensors(path: Path | str, kind: str, with_tensors: bool = True) -> 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
-    except Exception as err:  # safetensors raises its own error types for truncated or garbage files
+    # safetensors raises its own error types for truncated or garbage files
+    except Exception as err:
         raise UserError(f"{path} is not a readable safetensors {kind} ({err})") from err
     return metadata, tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# Writable destinations, checked before the work that fills them
+
+
+def _os_reason(folder: Path, err: OSError) -> str:
+    """Why ``folder`` cannot take a file, in words: the part of the path that is a file, else the
+    OS's reason."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        for part in (folder, *folder.parents):
+            if part.exists() and not part.is_dir():
+                return f"{part} is a file, not a folder"
+    return err.strerror or str(err)
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (created if needed), or None when one can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".minigpt-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return _os_reason(folder, err)
+    return None
+
+
+def check_writable_folder(folder: Path | str, what: str = "folder") -> Path:
+    """Create ``folder`` if needed and prove that a file can be created in it; else one
+    :class:`WriteError` naming it.
+
+    Called before training or exporting, so that a bad destination costs seconds, not a finished
+    run. The probe creates and removes a file, because permission bits do not tell the whole story
+    (root, read-only mounts, ACLs).
+    """
+    folder = Path(folder)
+    problem = _folder_problem(folder)
+    if problem:
+        raise WriteError(f"cannot write to {what} {folder}: {problem}")
+    return folder
+
+
+def check_writable_file(path: Path | str, what: str = "file") -> Path:
+    """Refuse, before the work, a file destination that is a folder or whose folder cannot take a
+    file (see :func:`check_writable_folder`)."""
+    path = Path(path)
+    problem = "it is a folder" if path.is_dir() else _folder_problem(path.parent)
+    if problem:
+        raise WriteError(f"cannot write {what} {path}: {problem}")
+    return path
+
+
+def writable_cache_dir(*parts: str) -> Path:
+    """:func:`cache_dir` joined with ``parts``, created and checked writable; the message names
+    ``$MINIGPT_CACHE`` when it is set."""
+    where = "the cache folder"
+    if os.environ.get(CACHE_ENV):
+        where += f" (set by ${CACHE_ENV})"
+    return check_writable_folder(cache_dir(*parts), where)
+
+
+def save_or_keep(save_fn, path: Path | str, what: str) -> None:
+    """:func:`atomic_save_file`; when the OS refuses the write (disk full, permissions), the same
+    content is written to a fallback file (next to ``path``, else in the cache, else in the
+    temporary folder) and one :class:`WriteError` names both, so a finished run is never lost.
+    """
+    path = Path(path)
+    try:
+        atomic_save_file(save_fn, path)
+        return
+    except (OSError, WriteError) as err:
+        reason = str(err)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tried = []
+    for folder in (path.parent, cache_dir("unsaved"), Path(tempfile.gettempdir())):
+        kept = folder / f"{path.stem}.unsaved-{stamp}{path.suffix}"
+        try:
+            atomic_save_file(save_fn, kept)
+        except (OSError, WriteError):
+            tried.append(str(folder))
+            continue
+        raise WriteError(
+            f"could not save the {what} ({reason}); it was kept in {kept}: move it to {path} "
+            "once there is room, or load it from there"
+        )
+    raise WriteError(
+        f"could not save the {what} ({reason}), nor a copy in {', '.join(tried)}; the work is lost"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Digests: what an artifact should be, verified on every load
+
+DIGEST_KEY = "digest"
+
+
+def _tensor_sha256(tensor) -> str:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+    return digest.hexdigest()
+
+
+def content_digest(tensors: dict, fields: dict[str, str]) -> dict:
+    """One SHA-256 per tensor (dtype, shape, bytes) and per text field: what an artifact holds.
+
+    Recorded at save time and recomputed on load from the tensors just read (the file is read
+    once); per-part hashes let a mismatch name what differs.
+    """
+    return {
+        "tensors": {name: _tensor_sha256(tensors[name]) for name in sorted(tensors)},
+        "fields": {
+            name: hashlib.sha256(str(fields[name]).encode()).hexdigest() for name in sorted(fields)
+        },
+    }
+
+
+def digest_differences(recorded: dict, actual: dict) -> list[str]:
+    """What differs between two :func:`content_digest` results, in words (empty: they agree)."""
+    out = []
+    for part, noun in (("tensors", "tensor"), ("fields", "entry")):
+        saved, now = recorded.get(part, {}), actual.get(part, {})
+        for name in sorted(set(saved) | set(now)):
+            if name not in now:
+                out.append(f"{noun} {name!r} is missing")
+            elif name not in saved:
+                out.append(f"{noun} {name!r} was added")
+            elif saved[name] != now[name]:
+                out.append(f"{noun} {name!r} differs")
+    return out
+
+
+def verify_digest(path: Path | str, kind: str, recorded, tensors: dict, fields: dict) -> bool:
+    """Check ``tensors`` and ``fields`` against the digest ``recorded`` (JSON text) at save time.
+
+    Returns False when nothing was recorded (the caller decides what an unverifiable file means);
+    raises one :class:`UserError` naming the file and the parts that differ.
+    """
+    if recorded is None:
+        return False
+    try:
+        recorded = json.loads(recorded) if isinstance(recorded, str) else recorded
+        if not isinstance(recorded, dict) or not all(
+            isinstance(recorded.get(part), dict) for part in ("tensors", "fields")
+        ):
+            raise ValueError("not a map of tensors and fields")
+    except ValueError as err:
+        raise UserError(
+            f"{kind} {path} has an unreadable digest ({err}); the file is damaged"
+        ) from None
+    differences = digest_differences(recorded, content_digest(tensors, fields))
+    if differences:
+        more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise UserError(
+            f"{kind} {path} does not match the digest recorded when it was saved: "
+            f"{'; '.join(differences[:3])}{more}; the file was edited or corrupted, save or copy "
+            "it again"
+        )
+    return True
+
+
+def sha256_file(path: Path | str) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safetensors_shapes(path: Path | str, kind: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a safetensors file holds, from its header alone (nothing
+    allocated)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types for broken headers
+        raise UserError(f"{path} is not a readable safetensors {kind} ({err})") from None

@@ -1,19 +1,21 @@
-"""LoRA from scratch (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685)
-and its rank-stabilised scaling rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732).
+"""LoRA from scratch (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+arXiv:2106.09685) and its rank-stabilised scaling rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732).
 
 A frozen linear layer ``h = W0 x`` gets a trainable low-rank update (LoRA eq. (3)):
 
     h = W0 x + ΔW x = W0 x + (α/r) · B A x,
 
-with ``A`` of rank ``r`` and ``B = 0`` at the start, so training starts from the pretrained model. The
-``α/r`` factor is LoRA section 4.1's scaling; rsLoRA replaces it by ``α/√r`` so that the update keeps its
-size as the rank grows. Our matrices are stored for ``x @ A @ B`` (row vectors, as in Raschka's
-"Build a Large Language Model (From Scratch)", appendix E): ``A`` is ``(in_dim, rank)`` and ``B`` is
-``(rank, out_dim)``, i.e. the transposes of the paper's / PEFT's ``A`` (r × k) and ``B`` (d × r).
+with ``A`` of rank ``r`` and ``B = 0`` at the start, so training starts from the pretrained model.
+The ``α/r`` factor is LoRA section 4.1's scaling; rsLoRA replaces it by ``α/√r`` so that the update
+keeps its size as the rank grows. Our matrices are stored for ``x @ A @ B`` (row vectors, as in
+Raschka's "Build a Large Language Model (From Scratch)", appendix E): ``A`` is ``(in_dim, rank)``
+and ``B`` is ``(rank, out_dim)``, i.e. the transposes of the paper's / PEFT's ``A`` (r × k) and
+``B`` (d × r).
 
-The module reads top to bottom: the two taught classes first, then the model-wide helpers (wrap, freeze,
-merge) with the argument checks of those public entry points. PiSSA (:mod:`minigpt.pissa`) and DoRA
-(:mod:`minigpt.dora`) subclass :class:`LinearWithLoRA`; adapter files live in :mod:`minigpt.adapters`.
+The module reads top to bottom: the two taught classes first, then the model-wide helpers (wrap,
+freeze, merge) with the argument checks of those public entry points. PiSSA (:mod:`minigpt.pissa`)
+and DoRA (:mod:`minigpt.dora`) subclass :class:`LinearWithLoRA`; adapter files live in
+:mod:`minigpt.adapters`.
 """
 
 from __future__ import annotations
@@ -35,59 +37,92 @@ INITS = ("kaiming", "gaussian")
 class LoRALayer(nn.Module):
     """The low-rank update alone: ``x -> scaling · x A B`` (LoRA eq. (3), ΔW x = B A x, transposed).
 
-    ``A`` (in_dim × rank) starts random and ``B`` (rank × out_dim) at zero, so ΔW = 0 and the wrapped model
-    is unchanged before the first step (LoRA section 4.1). ``scaling = alpha / rank`` (section 4.1), or
-    ``alpha / sqrt(rank)`` with ``use_rslora`` (rsLoRA). Raschka's repository (LLMs-from-scratch, appendix E)
-    also divides by the rank since September 2025; the printed book multiplied by ``alpha`` alone, so the
-    book's alpha values are not interchangeable with PEFT's or ours.
+    ``A`` (in_dim × rank) starts random and ``B`` (rank × out_dim) at zero, so ΔW = 0 and the
+    wrapped model is unchanged before the first step (LoRA section 4.1). ``scaling = alpha / rank``
+    (section 4.1), or ``alpha / sqrt(rank)`` with ``use_rslora`` (rsLoRA). Raschka's repository
+    (LLMs-from-scratch, appendix E) also divides by the rank since September 2025; the printed book
+    multiplied by ``alpha`` alone, so the book's alpha values are not interchangeable with PEFT's or
+    ours.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, use_rslora: bool = False,
-                 init: str = "kaiming"):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ):
         super().__init__()
         self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, use_rslora, init
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
         self.A = nn.Parameter(torch.empty(in_dim, rank))
         self.B = nn.Parameter(torch.zeros(rank, out_dim))
         with torch.no_grad():
-            if init == "kaiming":  # PEFT's kaiming_uniform_(a=√5) with fan-in in_dim: U(-1/√in_dim, 1/√in_dim)
+            # PEFT's kaiming_uniform_(a=√5) with fan-in in_dim: U(-1/√in_dim, 1/√in_dim)
+            if init == "kaiming":
                 self.A.uniform_(-1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim))
-            else:  # "gaussian": the paper's random Gaussian A, std 1/rank (PEFT's init_lora_weights="gaussian")
+            # "gaussian": the paper's random Gaussian A, std 1/rank (PEFT's
+            # init_lora_weights="gaussian")
+            else:
                 self.A.normal_(0.0, 1 / rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # BEGIN SOLUTION hint: multiply x by A, scale by self.scaling, then multiply by B
-        return (self.scaling * (x @ self.A)) @ self.B  # scaling the rank-r middle: r, not out, numbers per row
+        # scaling the rank-r middle: r, not out, numbers per row
+        return (self.scaling * (x @ self.A)) @ self.B
         # END SOLUTION
 
     def extra_repr(self) -> str:
-        return (f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.rank}, alpha={self.alpha:g}, "
-                f"scaling={self.scaling:g}")
+        return (
+            f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.rank}, "
+            f"alpha={self.alpha:g}, "
+            f"scaling={self.scaling:g}"
+        )
 
 
 class LinearWithLoRA(nn.Module):
     """A frozen linear layer plus a LoRA update: ``linear(x) + lora(dropout(x))`` (LoRA eq. (3)).
 
-    ``linear`` is any module with ``in_features``/``out_features`` computing ``W0 x + b`` (``nn.Linear``, or
-    ``minigpt.quant.QuantizedLinear``, which cannot be merged into). Dropout acts on the adapter's input only,
-    as in PEFT. After :meth:`merge` the update lives in ``linear.weight`` and the forward is ``linear(x)``.
-    Everything of the wrapper but ``linear`` is the adapter: that is what trains and what an adapter file holds.
+    ``linear`` is any module with ``in_features``/``out_features`` computing ``W0 x + b``
+    (``nn.Linear``, or ``minigpt.quant.QuantizedLinear``, which cannot be merged into). Dropout acts
+    on the adapter's input only, as in PEFT. After :meth:`merge` the update lives in
+    ``linear.weight`` and the forward is ``linear(x)``. Everything of the wrapper but ``linear`` is
+    the adapter: that is what trains and what an adapter file holds.
     """
 
     method = "lora"
 
-    def __init__(self, linear: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):
+    def __init__(
+        self,
+        linear: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ):
         super().__init__()
         if isinstance(linear, LinearWithLoRA):
-            raise TypeError("linear already has an adapter: a wrapper around a wrapper would leave the inner "
-                            "adapter out of merges and adapter files; wrap the plain layer (.linear) instead")
-        self.linear, self.in_features, self.out_features = linear, linear.in_features, linear.out_features
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, use_rslora, init)
+            raise TypeError(
+                "linear already has an adapter: a wrapper around a wrapper would leave the inner "
+                "adapter out of merges and adapter files; wrap the plain layer (.linear) instead"
+            )
+        self.linear, self.in_features, self.out_features = (
+            linear,
+            linear.in_features,
+            linear.out_features,
+        )
+        self.lora = LoRALayer(
+            linear.in_features, linear.out_features, rank, alpha, use_rslora, init
+        )
         self.lora.to(device_of(linear))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.config = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        self.config = dict(
+            rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init
+        )
 
     @property
     def scaling(self) -> float:
@@ -97,7 +132,8 @@ class LinearWithLoRA(nn.Module):
         out = self.linear(x)
         if self.merged:
             return out
-        # adapters stay float32 on a float16/bfloat16 base (as in PEFT): compute in theirs, add in the base's
+        # adapters stay float32 on a float16/bfloat16 base (as in PEFT): compute in theirs, add in
+        # the base's
         return out + self.lora(self.dropout(x.to(self.lora.A.dtype))).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -131,45 +167,64 @@ def device_of(module: nn.Module) -> torch.device:
 def mergeable_weight(layer: LinearWithLoRA, merged: bool) -> nn.Parameter:
     """The base weight merge/unmerge write to, refusing what would silently give a wrong weight."""
     if layer.merged != merged:
-        raise ValueError("this layer's adapter is already merged (merging twice adds the update twice); call "
-                         "unmerge first" if layer.merged else "this layer's adapter is not merged; nothing to unmerge")
+        raise ValueError(
+            "this layer's adapter is already merged (merging twice adds the update twice); call "
+            "unmerge first"
+            if layer.merged
+            else "this layer's adapter is not merged; nothing to unmerge"
+        )
     weight = getattr(layer.linear, "weight", None)
     if not isinstance(weight, nn.Parameter):
-        raise TypeError(f"merge needs a base layer that stores its weight as an nn.Parameter (nn.Linear); "
-                        f"{type(layer.linear).__name__} does not (a quantised base cannot absorb the update: keep "
-                        "the adapter separate, or dequantise the base into an nn.Linear first)")
+        raise TypeError(
+            f"merge needs a base layer that stores its weight as an nn.Parameter (nn.Linear); "
+            f"{type(layer.linear).__name__} does not (a quantised base cannot absorb the update: "
+            "keep "
+            "the adapter separate, or dequantise the base into an nn.Linear first)"
+        )
     return weight
 
 
-# ----------------------------------------------------------------------------- what belongs to an adapter
+# ----------------------------------------------------------------------------- what belongs to an
+# adapter
+
 
 def adapter_parameters(layer: LinearWithLoRA) -> list[nn.Parameter]:
-    """The parameters fine-tuning trains: every parameter of the wrapper except its frozen ``linear``."""
+    """The parameters fine-tuning trains: every parameter of the wrapper except its frozen
+    ``linear``."""
     return [p for name, p in layer.named_parameters() if not name.startswith("linear.")]
 
 
 def adapter_tensors(layer: LinearWithLoRA) -> dict[str, torch.Tensor]:
     """What an adapter file stores for one wrapper: its state dict without ``linear.*`` (``lora.A``,
     ``lora.B``, and PiSSA's ``A0``/``B0`` or DoRA's ``magnitude``)."""
-    return {key: value for key, value in layer.state_dict().items() if not key.startswith("linear.")}
+    return {
+        key: value for key, value in layer.state_dict().items() if not key.startswith("linear.")
+    }
 
 
-# ----------------------------------------------------------------------------- argument checks (entry points)
+# ----------------------------------------------------------------------------- argument checks
+# (entry points)
+
 
 def check_rank(rank: Any, name: str = "rank") -> int:
-    """A rank is an integer >= 1 (numpy integers too). A rank above min(in, out) is allowed: it only adds
-    redundant directions (and PiSSA adapters converted to LoRA have rank 2r)."""
+    """A rank is an integer >= 1 (numpy integers too). A rank above min(in, out) is allowed: it only
+    adds redundant directions (and PiSSA adapters converted to LoRA have rank 2r)."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {rank!r}")
     return operator.index(rank)
 
 
-def check_number(value: Any, name: str, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> float:
-    """A real number (numpy scalars too) with ``low < value <= high`` (``< high`` with ``high_open``)."""
+def check_number(
+    value: Any, name: str, low: float = 0.0, high: float = math.inf, high_open: bool = False
+) -> float:
+    """A real number (numpy scalars too) with ``low < value <= high`` (``< high`` with
+    ``high_open``)."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (low < value and (value < high if high_open else value <= high)):
-        raise ValueError(f"{name} must be a finite number in ({low:g}, {high:g}{')' if high_open else ']'}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number in ({low:g}, {high:g}{')' if high_open else ']'}, "
+            f"got {value!r}"
+        )
     return float(value)
 
 
@@ -192,11 +247,18 @@ def check_init(init: Any) -> str:
     return init
 
 
-def check_lora_args(rank: Any, alpha: Any, dropout: Any = 0.0, use_rslora: Any = False,
-                    init: Any = "kaiming") -> dict[str, Any]:
-    """The checked, plain-Python constructor arguments of a LoRA wrapper (numpy scalars become int/float)."""
-    return dict(rank=check_rank(rank), alpha=check_number(alpha, "alpha"), dropout=check_dropout(dropout),
-                use_rslora=check_flag(use_rslora, "use_rslora"), init=check_init(init))
+def check_lora_args(
+    rank: Any, alpha: Any, dropout: Any = 0.0, use_rslora: Any = False, init: Any = "kaiming"
+) -> dict[str, Any]:
+    """The checked, plain-Python constructor arguments of a LoRA wrapper (numpy scalars become
+    int/float)."""
+    return dict(
+        rank=check_rank(rank),
+        alpha=check_number(alpha, "alpha"),
+        dropout=check_dropout(dropout),
+        use_rslora=check_flag(use_rslora, "use_rslora"),
+        init=check_init(init),
+    )
 
 
 def _check_names(names: Any, arg: str) -> tuple[str, ...]:
@@ -206,14 +268,19 @@ def _check_names(names: Any, arg: str) -> tuple[str, ...]:
         names = tuple(names)
         if names and all(isinstance(n, str) and n for n in names):
             return names
-    raise TypeError(f"{arg} must be a module name (str) or a non-empty list of non-empty names, got {names!r}")
+    raise TypeError(
+        f"{arg} must be a module name (str) or a non-empty list of non-empty names, got {names!r}"
+    )
 
 
 # ----------------------------------------------------------------------------- model traversal
 
+
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(getattr(module, "in_features", None), int)
-                                             and isinstance(getattr(module, "out_features", None), int))
+    return isinstance(module, nn.Linear) or (
+        isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+    )
 
 
 def named_targets(module: nn.Module, prefix: str = "") -> Iterable[tuple[str, nn.Module]]:
@@ -227,7 +294,8 @@ def named_targets(module: nn.Module, prefix: str = "") -> Iterable[tuple[str, nn
 
 
 def _matches(name: str, target: str) -> bool:
-    """PEFT's rule: a target matches a module whose qualified name is the target or ends with '.target'."""
+    """PEFT's rule: a target matches a module whose qualified name is the target or ends with
+    '.target'."""
     return name == target or name.endswith("." + target)
 
 
@@ -241,44 +309,68 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child_name, module)
 
 
-def select_targets(model: nn.Module, target_modules: str | Iterable[str] | None,
-                   exclude: str | Iterable[str] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
-    """The ``(name, linear)`` pairs ``replace_linear_with_*`` would wrap; refuses already-wrapped layers."""
+def select_targets(
+    model: nn.Module,
+    target_modules: str | Iterable[str] | None,
+    exclude: str | Iterable[str] = ("lm_head",),
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, linear)`` pairs ``replace_linear_with_*`` would wrap; refuses already-wrapped
+    layers."""
     modules = list(named_targets(model))
-    linear_names = [n for n, m in modules if is_linear_like(m) and not isinstance(m, LinearWithLoRA)]
+    linear_names = [
+        n for n, m in modules if is_linear_like(m) and not isinstance(m, LinearWithLoRA)
+    ]
     exclude = _check_names(exclude, "exclude") if exclude else ()
     if target_modules is None:
-        selected = [(n, m) for n, m in modules if is_linear_like(m) and not any(_matches(n, e) for e in exclude)]
+        selected = [
+            (n, m)
+            for n, m in modules
+            if is_linear_like(m) and not any(_matches(n, e) for e in exclude)
+        ]
         if not selected:
-            raise ValueError(f"target_modules=None selects every linear layer not in exclude={exclude}, but the "
-                             f"model has none; linear layers: {linear_names}")
+            raise ValueError(
+                f"target_modules=None selects every linear layer not in exclude={exclude}, but the "
+                f"model has none; linear layers: {linear_names}"
+            )
     else:
         selected = []
         for target in _check_names(target_modules, "target_modules"):
             hits = [(n, m) for n, m in modules if _matches(n, target)]
             if not hits:
-                raise ValueError(f"target_modules entry {target!r} matches no module; the model's linear layers "
-                                 f"are {linear_names}")
+                raise ValueError(
+                    f"target_modules entry {target!r} matches no module; the model's linear layers "
+                    f"are {linear_names}"
+                )
             for n, m in hits:
                 if not is_linear_like(m):
-                    raise TypeError(f"target_modules entry {target!r} matches {n!r}, a {type(m).__name__}; "
-                                    f"targets must be linear layers, one of {linear_names}")
+                    raise TypeError(
+                        f"target_modules entry {target!r} matches {n!r}, a {type(m).__name__}; "
+                        f"targets must be linear layers, one of {linear_names}"
+                    )
             selected += [hit for hit in hits if hit[0] not in {n for n, _ in selected}]
     for n, m in selected:
         if isinstance(m, LinearWithLoRA):
-            raise ValueError(f"layer {n!r} already has a {m.method} adapter; wrapping it again is not supported "
-                             "(target_modules must name plain linear layers)")
+            raise ValueError(
+                f"layer {n!r} already has a {m.method} adapter; wrapping it again is not supported "
+                "(target_modules must name plain linear layers)"
+            )
     return selected
 
 
-def replace_linear_with_adapter(model: nn.Module, factory: Callable[[nn.Module], LinearWithLoRA], rank: int,
-                                target_modules: str | Iterable[str] | None = None,
-                                exclude: str | Iterable[str] = ("lm_head",), freeze: bool = True,
-                                check: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
-    """The traversal shared by LoRA, PiSSA and DoRA: wrap each selected layer as ``factory(linear)``.
+def replace_linear_with_adapter(
+    model: nn.Module,
+    factory: Callable[[nn.Module], LinearWithLoRA],
+    rank: int,
+    target_modules: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] = ("lm_head",),
+    freeze: bool = True,
+    check: Callable[[str, nn.Module], None] | None = None,
+) -> nn.Module:
+    """The traversal shared by LoRA, PiSSA and DoRA: wrap each selected layer as
+    ``factory(linear)``.
 
-    Everything is checked (targets, and ``check(name, linear)`` for each selected layer) before the first
-    layer is touched, so a bad argument never leaves a half-converted model.
+    Everything is checked (targets, and ``check(name, linear)`` for each selected layer) before the
+    first layer is touched, so a bad argument never leaves a half-converted model.
     """
     check_flag(freeze, "freeze")
     selected = select_targets(model, target_modules, exclude)
@@ -286,14 +378,21 @@ def replace_linear_with_adapter(model: nn.Module, factory: Callable[[nn.Module],
         if check is not None:
             check(name, linear)
         if rank > min(linear.in_features, linear.out_features):
-            warnings.warn(f"rank {rank} exceeds min(in_features, out_features) = "
-                          f"{min(linear.in_features, linear.out_features)} for layer {name!r}: the extra "
-                          "directions are redundant (allowed, as in PEFT)", stacklevel=3)
+            warnings.warn(
+                f"rank {rank} exceeds min(in_features, out_features) = "
+                f"{min(linear.in_features, linear.out_features)} for layer {name!r}: the extra "
+                "directions are redundant (allowed, as in PEFT)",
+                stacklevel=3,
+            )
     shared = _shared_parameter_ids(model)
     for name, linear in selected:
         if id(getattr(linear, "weight", None)) in shared:
-            warnings.warn(f"{name}.weight is shared with another module (tied weights); merging an adapter into "
-                          "it changes that module too", stacklevel=3)
+            warnings.warn(
+                f"{name}.weight is shared with another module (tied weights); merging an adapter "
+                "into "
+                "it changes that module too",
+                stacklevel=3,
+            )
         set_submodule(model, name, factory(linear))
     if freeze:
         mark_only_lora_as_trainable(model)
@@ -307,25 +406,40 @@ def _shared_parameter_ids(model: nn.Module) -> set[int]:
     return {i for i, count in seen.items() if count > 1}
 
 
-def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float,
-                             target_modules: str | Iterable[str] | None = None, dropout: float = 0.0,
-                             use_rslora: bool = False, init: str = "kaiming",
-                             exclude: str | Iterable[str] = ("lm_head",), freeze: bool = True) -> nn.Module:
+def replace_linear_with_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: str | Iterable[str] | None = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "kaiming",
+    exclude: str | Iterable[str] = ("lm_head",),
+    freeze: bool = True,
+) -> nn.Module:
     """Wrap linear layers of ``model`` in :class:`LinearWithLoRA`, in place; returns ``model``.
 
-    ``target_modules=None`` wraps every linear layer except those matching ``exclude`` (by default the
-    output head ``lm_head``, like PEFT's ``"all-linear"``, which skips the output layer; in our GPT it is also
-    tied to the token embedding). Otherwise each name matches a module whose qualified name equals it or
-    ends with ``"." + name`` (PEFT's rule), e.g. ``["query", "value"]`` for LoRA's paper setting (section 7.1);
-    ``exclude`` only applies to ``target_modules=None``. ``freeze=True`` sets ``requires_grad=False`` on every
-    parameter that is not an adapter parameter.
+    ``target_modules=None`` wraps every linear layer except those matching ``exclude`` (by default
+    the output head ``lm_head``, like PEFT's ``"all-linear"``, which skips the output layer; in our
+    GPT it is also tied to the token embedding). Otherwise each name matches a module whose
+    qualified name equals it or ends with ``"." + name`` (PEFT's rule), e.g. ``["query", "value"]``
+    for LoRA's paper setting (section 7.1); ``exclude`` only applies to ``target_modules=None``.
+    ``freeze=True`` sets ``requires_grad=False`` on every parameter that is not an adapter
+    parameter.
     """
     args = check_lora_args(rank, alpha, dropout, use_rslora, init)
-    return replace_linear_with_adapter(model, lambda linear: LinearWithLoRA(linear, **args), args["rank"],
-                                       target_modules, exclude, freeze)
+    return replace_linear_with_adapter(
+        model,
+        lambda linear: LinearWithLoRA(linear, **args),
+        args["rank"],
+        target_modules,
+        exclude,
+        freeze,
+    )
 
 
 # ----------------------------------------------------------------------------- trainability
+
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     """Freeze every parameter, then unfreeze the adapters' (A, B, and DoRA's magnitude)."""
@@ -351,16 +465,20 @@ def trainable_summary(model: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- merge / unmerge
 
+
 def layers_or_raise(model: nn.Module) -> list[tuple[str, LinearWithLoRA]]:
     layers = adapter_layers(model)
     if not layers:
-        raise ValueError("model has no adapter layers (LinearWithLoRA / PiSSA / DoRA); "
-                         "call replace_linear_with_lora first")
+        raise ValueError(
+            "model has no adapter layers (LinearWithLoRA / PiSSA / DoRA); "
+            "call replace_linear_with_lora first"
+        )
     return layers
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (each wrapper's own ``merge()``: LoRA, PiSSA or DoRA)."""
+    """Fold every adapter into its base weight (each wrapper's own ``merge()``: LoRA, PiSSA or
+    DoRA)."""
     layers = layers_or_raise(model)
     merged = [name for name, layer in layers if layer.merged]
     if merged:
@@ -371,10 +489,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter (unless merged already) and put each plain base layer back in its wrapper's place.
+    """Merge every adapter (unless merged already) and put each plain base layer back in its
+    wrapper's place.
 
-    The result has the base model's modules and cost (LoRA section 4.1: no added inference latency; PEFT's
-    ``merge_and_unload``); the adapters are gone, so unlike :func:`merge_lora` this cannot be undone.
+    The result has the base model's modules and cost (LoRA section 4.1: no added inference latency;
+    PEFT's ``merge_and_unload``); the adapters are gone, so unlike :func:`merge_lora` this cannot be
+    undone.
     """
     for name, layer in layers_or_raise(model):
         if not layer.merged:

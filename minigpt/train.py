@@ -1,58 +1,60 @@
-"""Pretraining and fine-tuning loop: AdamW, warm-up + cosine schedule, clipping, evaluation, checkpoints.
+"""Pretraining and fine-tuning loop: AdamW, warm-up + cosine schedule, clipping, evaluation,
+checkpoints.
 
-Reproducible on CPU (same seed -> same losses), bf16 autocast on CUDA and on CPUs with native bf16
-(``TrainConfig.precision``), MPS only on request (it has given
-silently wrong losses in reported PyTorch cases), a tqdm progress bar, and safetensors checkpoints that
-hold model + optimizer + step and are written atomically, so a run can resume.
+Reproducible on CPU (same seed -> same losses), bf16 autocast where the hardware has it natively
+(``TrainConfig.precision``, :mod:`minigpt.device`), MPS only on request (it has given silently
+wrong losses in reported PyTorch cases), a tqdm progress bar, and safetensors checkpoints that hold
+model + optimizer + step and are written atomically, so a run can resume.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import re
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm  # plain text bar: renders in saved notebooks and terminals alike
 
 from minigpt import keep_freed_memory
-from minigpt.io import (UserError, UserTypeError, atomic_save_file, check_float, check_int, read_safetensors,
-                        refuse_non_finite, tensor_digest)
+
+# Re-exported: the chapters, the lab and the command line import these from here.
+from minigpt.device import (
+    PRECISIONS,
+    autocast,
+    check_device_name,
+    choose_device,
+    cpu_has_native_bf16,  # noqa: F401
+    cuda_has_native_bf16,  # noqa: F401
+    eval_precision,
+    has_native_bf16,  # noqa: F401
+    resolve_precision,
+)
+from minigpt.io import (
+    DIGEST_KEY,
+    UserError,
+    UserTypeError,
+    check_float,
+    check_int,
+    check_writable_file,
+    content_digest,
+    read_safetensors,
+    refuse_non_finite,
+    safetensors_shapes,
+    save_or_keep,
+    tensor_digest,
+    verify_digest,
+)
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.muon import BatchedMuon, MuonWithAdamW
-
-
-def check_device_name(requested: str | None) -> str | None:
-    """``requested`` if it names a device the course supports (None = choose), else a clear error."""
-    if requested is not None and (not isinstance(requested, str) or not (
-            requested in {"cpu", "cuda", "mps"} or re.fullmatch(r"cuda:\d+", requested))):
-        raise UserError(f"device must be one of 'cpu', 'cuda', 'cuda:N', 'mps' (or None), got {requested!r}")
-    return requested
-
-
-def choose_device(requested: str | None = None) -> torch.device:
-    """``cuda`` when available, else ``cpu``; ``mps`` only when asked for explicitly (with a warning)."""
-    if check_device_name(requested) is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {requested!r} was requested but torch.cuda.is_available() is False")
-    if requested == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError("device 'mps' was requested but torch.backends.mps.is_available() is False")
-        warnings.warn("MPS has produced silently wrong losses in reported PyTorch versions; compare a few "
-                      "steps with device='cpu' before trusting it", stacklevel=2)
-    return torch.device(requested)
+from minigpt.progress import tqdm  # a widget in Jupyter, a text bar in saved notebooks/terminals
 
 
 def seed_everything(seed: int) -> None:
@@ -76,41 +78,66 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     precision: str = "auto"  # "fp32", "bf16" (autocast) or "auto": see resolve_precision
-    optimizer: str = "adamw"  # "adamw", or "muon" for the blocks' weight matrices (see make_optimizer)
+    # "adamw", or "muon" for the blocks' weight matrices (see make_optimizer)
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         """Check every field; NumPy scalars are accepted and stored as Python numbers."""
-        for name, low in (("steps", 0), ("warmup_steps", 0), ("eval_interval", 1), ("eval_batches", 1)):
+        for name, low in (
+            ("steps", 0),
+            ("warmup_steps", 0),
+            ("eval_interval", 1),
+            ("eval_batches", 1),
+        ):
             setattr(self, name, check_int(f"TrainConfig.{name}", getattr(self, name), low))
         self.seed = check_int("TrainConfig.seed", self.seed, 0, 2**32 - 1)  # NumPy's seed range
         if self.warmup_steps > self.steps:
-            raise UserError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps}); "
-                            f"for a short run pass e.g. warmup_steps={self.steps // 10}")
+            raise UserError(
+                f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps}); "
+                f"for a short run pass e.g. warmup_steps={self.steps // 10}"
+            )
         self.lr = check_float("TrainConfig.lr", self.lr, 0.0, strict_min=True)
         self.min_lr = check_float("TrainConfig.min_lr", self.min_lr, 0.0, self.lr)
         self.weight_decay = check_float("TrainConfig.weight_decay", self.weight_decay, 0.0)
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise UserTypeError(f"TrainConfig.betas must be a pair (beta1, beta2), got {self.betas!r}")
-        self.betas = tuple(check_float(f"TrainConfig.betas[{i}]", b, 0.0, 1.0, strict_max=True)
-                           for i, b in enumerate(self.betas))
-        if self.grad_clip is not None:  # a negative clip would reverse the gradients, 0 would zero them
-            self.grad_clip = check_float("TrainConfig.grad_clip (None = no clipping)", self.grad_clip, 0.0,
-                                         strict_min=True)
+            raise UserTypeError(
+                f"TrainConfig.betas must be a pair (beta1, beta2), got {self.betas!r}"
+            )
+        self.betas = tuple(
+            check_float(f"TrainConfig.betas[{i}]", b, 0.0, 1.0, strict_max=True)
+            for i, b in enumerate(self.betas)
+        )
+        # a negative clip would reverse the gradients, 0 would zero them
+        if self.grad_clip is not None:
+            self.grad_clip = check_float(
+                "TrainConfig.grad_clip (None = no clipping)", self.grad_clip, 0.0, strict_min=True
+            )
         check_device_name(self.device)
         if self.precision not in PRECISIONS:
-            raise UserError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UserError(
+                f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, got "
+                f"{self.precision!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise UserError(
+                f"TrainConfig.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                f"{self.optimizer!r}"
+            )
         if not isinstance(self.progress, (bool, np.bool_)):
-            raise UserTypeError(f"TrainConfig.progress must be True or False, got {self.progress!r}")
+            raise UserTypeError(
+                f"TrainConfig.progress must be True or False, got {self.progress!r}"
+            )
         self.progress = bool(self.progress)
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay from ``lr`` towards ``min_lr``, reached at step ``steps``."""
+        """Linear warm-up, then cosine decay from ``lr`` towards ``min_lr``, reached at step
+        ``steps``."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (
+            1 + math.cos(math.pi * min(1.0, progress))
+        )
 
 
 @dataclass
@@ -128,70 +155,41 @@ class History:
 
 
 class TrainingDiverged(UserError):
-    """The loss or the gradient norm became NaN or inf: the run stops before that update is applied."""
+    """The loss or the gradient norm became NaN or inf: the run stops before that update is
+    applied."""
 
     exit_code = 1
 
     def __init__(self, step: int, lr: float, loss: float, grad_norm: float, checkpoint=None):
-        saved = (f"; {checkpoint} was not written (a file already there is unchanged)" if checkpoint else "")
+        saved = (
+            f"; {checkpoint} was not written (a file already there is unchanged)"
+            if checkpoint
+            else ""
+        )
         super().__init__(
-            f"training diverged at step {step} (lr {lr:.3g}): loss {loss:.4g}, gradient norm {grad_norm:.4g}. "
+            f"training diverged at step {step} (lr {lr:.3g}): loss {loss:.4g}, gradient norm "
+            f"{grad_norm:.4g}. "
             f"The model keeps the weights from before this step{saved}. Try a lower learning rate "
-            f"(e.g. lr={lr / 3:.2g}), a longer warm-up or grad_clip=1.0, and check the inputs for NaN.")
+            f"(e.g. lr={lr / 3:.2g}), a longer warm-up or grad_clip=1.0, and check the inputs for "
+            "NaN."
+        )
         self.step, self.lr, self.loss, self.grad_norm = step, lr, loss, grad_norm
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "muon")
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX: AMD Zen 4+, Intel Sapphire Rapids+).
-
-    Elsewhere torch emulates bf16 and autocast makes CPU training slower, not faster.
-    """
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(probe is not None and probe() for probe in probes)  # private torch probes: absent -> False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"fp32"`` or ``"bf16"`` for a run on ``device``.
-
-    ``"auto"`` follows ``$MINIGPT_PRECISION`` when set, else picks bf16 on CUDA and on CPUs with native bf16
-    and fp32 elsewhere (MPS, older CPUs). On the 2-core development machine (AVX512-BF16) the output head's
-    matmul ran 4.4x faster in bf16 and a pretraining step 1.8x faster together with :func:`minigpt.keep_freed_memory`
-    (scripts/load_test.py --speed). Weights and optimizer state stay float32, and so does evaluation on a CPU.
-    """
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        precision = os.environ.get("MINIGPT_PRECISION", "auto")
-        if precision not in PRECISIONS:
-            raise UserError(f"MINIGPT_PRECISION must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-        return "bf16"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str | None = None):
-    """bf16 autocast when ``precision`` is "bf16" (None: on CUDA only, as evaluation uses), else float32."""
-    # bf16 keeps float32's exponent range, so no loss scaling is needed (unlike fp16).
-    if precision == "bf16" or (precision is None and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def loss_fn(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats per token, over the targets that are not ``-100`` (ignored).
+    """Mean next-token cross-entropy in nats per token, over the targets that are not ``-100``
+    (ignored).
 
-    When a fine-tuning mask ignores targets, a :class:`GPTModel` computes the output head only at the kept
-    positions: the same loss, without the vocabulary-wide matmul (the largest in a small model) for the
-    rest.
+    When a fine-tuning mask ignores targets, a :class:`GPTModel` computes the output head only at
+    the kept positions: the same loss, without the vocabulary-wide matmul (the largest in a small
+    model) for the rest.
     """
     targets = targets.flatten()
-    if isinstance(model, GPTModel) and inputs.device.type == "cpu":  # on a GPU the mask would cost a sync
+    # on a GPU the mask would cost a sync
+    if isinstance(model, GPTModel) and inputs.device.type == "cpu":
         keep = targets != -100
         if not bool(keep.all()):
             logits = model.lm_head(model.hidden(inputs).flatten(0, 1)[keep])
@@ -200,9 +198,20 @@ def loss_fn(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable, max_batches: int | None = None,
-             device: torch.device | str | None = None) -> float:
-    """Mean loss over the first ``max_batches`` batches of ``loader`` (all of them when None)."""
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+) -> float:
+    """Mean loss over the first ``max_batches`` batches of ``loader`` (all of them when None).
+
+    The batches go to ``device`` (default: the model's); ``precision`` is "fp32" or "bf16"
+    (autocast), as a run resolved it (:func:`resolve_precision`, :func:`eval_precision`).
+    """
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     device = torch.device(device) if device else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -210,7 +219,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, max_batches: int | None =
     for i, (inputs, targets) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        with autocast(device):
+        with autocast(device, precision):
             total += loss_fn(model, inputs.to(device), targets.to(device)).item()
         count += 1
     model.train(was_training)
@@ -224,11 +233,15 @@ def forever(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW | MuonWithAdamW:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, precision: str | None = None
+) -> torch.optim.AdamW | MuonWithAdamW:
     """AdamW over the trainable parameters; no weight decay on biases, LayerNorms and 1-D adapters.
 
     With ``cfg.optimizer == "muon"`` the weight matrices inside the blocks go to Muon instead
-    (:class:`MuonWithAdamW`); the embeddings (and so the tied output head) stay with AdamW.
+    (:class:`MuonWithAdamW`); the embeddings (and so the tied output head) stay with AdamW. Muon's
+    Newton-Schulz iterations run in bf16 when the run's ``precision`` is "bf16", else in float32
+    (None: resolved from ``cfg`` on the model's device, as :func:`train` does).
     """
     decay, no_decay, matrices = [], [], []
     for name, param in model.named_parameters():
@@ -238,45 +251,73 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
             matrices.append(param)
         else:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     if not matrices:  # "adamw", or nothing for Muon to train
         return adamw
-    # "match_rms_adamw" scales Muon's orthogonal update to AdamW's typical size (0.2 * sqrt(max(rows, cols))),
-    # so one learning rate and one schedule serve both optimizers (Liu et al., 2025, arXiv:2502.16982, sec. 2.2).
-    muon = BatchedMuon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    # "match_rms_adamw" scales Muon's orthogonal update to AdamW's typical size (0.2 *
+    # sqrt(max(rows, cols))),
+    # so one learning rate and one schedule serve both optimizers (Liu et al., 2025,
+    # arXiv:2502.16982, sec. 2.2).
+    if precision is None:
+        precision = resolve_precision(cfg.precision, matrices[0].device)
+    muon = BatchedMuon(
+        matrices,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+        ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+    )
     return MuonWithAdamW(adamw, muon)
 
 
-def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable | None, cfg: TrainConfig,
-          checkpoint: Path | str | None = None, resume: bool = False,
-          stop_after: int | None = None, callback: Callable[[int, torch.nn.Module], None] | None = None) -> History:
+def train(
+    model: torch.nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    cfg: TrainConfig,
+    checkpoint: Path | str | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    callback: Callable[[int, torch.nn.Module], None] | None = None,
+) -> History:
     """Train ``model`` for ``cfg.steps`` steps and return the loss history.
 
-    With ``checkpoint`` the state (model, optimizer, step) is saved there at the end; with ``resume`` a
-    run continues from that file's step, giving the same losses as an uninterrupted run on CPU.
-    ``stop_after`` ends this call after that many steps (the schedule still spans ``cfg.steps``), which
-    is how a long run is split into sessions. ``callback(step, model)`` runs every ``cfg.eval_interval``
-    steps (for measurements during training, e.g. a learning-forgetting curve); its time is not counted
-    in ``History.seconds``.
+    With ``checkpoint`` the state (model, optimizer, step) is saved there at the end; with
+    ``resume`` a run continues from that file's step, giving the same losses as an uninterrupted run
+    on CPU. ``stop_after`` ends this call after that many steps (the schedule still spans
+    ``cfg.steps``), which is how a long run is split into sessions. ``callback(step, model)`` runs
+    every ``cfg.eval_interval`` steps (for measurements during training, e.g. a learning-forgetting
+    curve); its time is not counted in ``History.seconds``.
+
+    The model is moved, in place, to ``choose_device(cfg.device)`` (the GPU when there is one and
+    ``cfg.device`` is None) and stays there: callers feed it inputs on ``next(model.parameters())
+    .device`` afterwards, or use the entry points that move inputs themselves (``generate``,
+    ``evaluate``, ``answer``). Batches may come on any device.
     """
+    if checkpoint:  # before the first step: a bad destination must not cost a finished run
+        check_writable_file(checkpoint, "checkpoint")
     device = choose_device(cfg.device)
     keep_freed_memory()  # a fifth of a small model's CPU step went to page faults without it
     seed_everything(cfg.seed)
     model.to(device).train()
-    optimizer = make_optimizer(model, cfg)
+    precision = resolve_precision(cfg.precision, device)
+    optimizer = make_optimizer(model, cfg, precision)
     start = 0
     if resume and checkpoint and Path(checkpoint).is_file():
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
-    precision = resolve_precision(cfg.precision, device)
     history = History(precision=precision)
     batches = forever(train_loader)
     for _ in range(start):  # replay the data order so a resumed run sees the same batches
         next(batches)
     t0 = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    bar = tqdm(range(start, end), desc="train", disable=not cfg.progress, initial=start, total=cfg.steps)
+    bar = tqdm(
+        range(start, end), desc="train", disable=not cfg.progress, initial=start, total=cfg.steps
+    )
     for step in bar:
         lr = cfg.lr_at(step)
         for group in optimizer.param_groups:
@@ -286,9 +327,12 @@ def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable |
             loss = loss_fn(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   cfg.grad_clip or math.inf).item()  # inf: measure only
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):  # stop before NaN reaches weights
+        # inf: measure only
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or math.inf
+        ).item()
+        # stop before NaN reaches weights
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
             raise TrainingDiverged(step, lr, loss.item(), grad_norm, checkpoint)
         optimizer.step()
         history.steps.append(step)
@@ -298,8 +342,14 @@ def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable |
         last = step == cfg.steps - 1
         if val_loader is not None and ((step + 1) % cfg.eval_interval == 0 or last):
             history.eval_steps.append(step + 1)
-            history.val_loss.append(evaluate(model, val_loader, cfg.eval_batches, device))
-            bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
+            history.val_loss.append(
+                evaluate(
+                    model, val_loader, cfg.eval_batches, device, eval_precision(precision, device)
+                )
+            )
+            bar.set_postfix(
+                train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}"
+            )
         if callback is not None and (step + 1) % cfg.eval_interval == 0:
             paused = time.perf_counter()
             callback(step + 1, model)
@@ -311,12 +361,20 @@ def train(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable |
     return history
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _model_tensors(model: torch.nn.Module, shared: bool = True) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage: a tied head is stored once, as the token embedding.
+    # shared=False: names and shapes only, of a model on the meta device (no storage to compare).
+    if not shared:
+        tied = getattr(getattr(model, "cfg", None), "tie_weights", False)
+        return {
+            f"model.{name}": tensor
+            for name, tensor in model.state_dict().items()
+            if not (tied and name.endswith("lm_head.weight"))
+        }
     seen, tensors = set(), {}
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen and name.endswith("lm_head.weight"):
@@ -326,12 +384,19 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(path: Path | str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    step: int = 0, extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path | str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
+    extra: dict | None = None,
+) -> None:
     """Save model (+ optimizer state + step) to one safetensors file, atomically.
 
-    Weights holding NaN or inf are refused (naming the tensor); the metadata records a SHA-256 of the
-    tensors, which :func:`load_checkpoint` verifies.
+    Weights holding NaN or inf are refused (naming the tensor). The metadata records a digest of
+    every tensor and every metadata entry (config, step, ``extra`` such as the recipe and the
+    vocabulary's hash), which :func:`load_checkpoint` verifies. When the OS refuses the write (disk
+    full), the checkpoint is kept in a fallback file that the error names.
     """
     tensors = _model_tensors(model)
     refuse_non_finite(tensors, f"refusing to save checkpoint {path}")
@@ -344,12 +409,13 @@ def save_checkpoint(path: Path | str, model: torch.nn.Module, optimizer: torch.o
             for key, value in pstate.items():
                 tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
         meta["optim_groups"] = json.dumps(state["param_groups"])
-    meta["sha256"] = tensor_digest(tensors)
-    atomic_save_file(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+    meta[DIGEST_KEY] = json.dumps(content_digest(tensors, meta))
+    save_or_keep(lambda tmp: save_file(tensors, tmp, metadata=meta), path, f"checkpoint {path}")
 
 
 def read_checkpoint_metadata(path: Path | str) -> dict:
-    """The checkpoint's metadata with ``config``, ``extra`` and ``optim_groups`` parsed from JSON."""
+    """The checkpoint's metadata with ``config``, ``extra`` and ``optim_groups`` parsed from
+    JSON."""
     meta, _ = read_safetensors(path, "checkpoint", with_tensors=False)
     if meta.get("format") != "minigpt-checkpoint-1":
         raise UserError(f"{path} is not a minigpt checkpoint (format={meta.get('format')!r})")
@@ -359,39 +425,68 @@ def read_checkpoint_metadata(path: Path | str) -> dict:
             if key in meta:
                 meta[key] = json.loads(meta[key])
     except (ValueError, TypeError) as err:
-        raise UserError(f"checkpoint {path} has unreadable metadata ({err}); the file is damaged") from None
+        raise UserError(
+            f"checkpoint {path} has unreadable metadata ({err}); the file is damaged"
+        ) from None
     return meta
 
 
-def load_checkpoint(path: Path | str, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(
+    path: Path | str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    vocab_sha256: str | None = None,
+) -> dict:
     """Load a checkpoint into ``model`` (and ``optimizer``); returns ``{"step", "extra"}``.
 
-    A checkpoint from another configuration is refused with the differing fields named.
+    A checkpoint from another configuration is refused with the differing fields named, one whose
+    tensors or metadata differ from its recorded digest with the parts named, and, with
+    ``vocab_sha256``, one that records another vocabulary. A file without a digest loads with a
+    warning (nothing can prove what it holds).
     """
     meta = read_checkpoint_metadata(path)
+    check_checkpoint_vocab(path, meta, vocab_sha256)
     if isinstance(model, GPTModel) and "config" in meta:
         saved = meta["config"]
-        diff = {k: (v, getattr(model.cfg, k, None)) for k, v in saved.items() if getattr(model.cfg, k, None) != v}
+        diff = {
+            k: (v, getattr(model.cfg, k, None))
+            for k, v in saved.items()
+            if getattr(model.cfg, k, None) != v
+        }
         if diff:
-            raise UserError(f"checkpoint {path} was saved from another config; (saved, model) differ in {diff}")
-    _, tensors = read_safetensors(path, "checkpoint")
-    if "sha256" in meta and tensor_digest(tensors) != meta["sha256"]:
-        raise UserError(f"checkpoint {path} is corrupted: its tensors do not match the SHA-256 recorded when "
-                        "it was saved; delete it and train (or copy) it again")
+            raise UserError(
+                f"checkpoint {path} was saved from another config; (saved, model) differ in {diff}"
+            )
+    raw, tensors = read_safetensors(path, "checkpoint")
+    fields = {key: value for key, value in raw.items() if key != DIGEST_KEY}
+    if not verify_digest(path, "checkpoint", raw.get(DIGEST_KEY), tensors, fields):
+        if "sha256" in meta and tensor_digest(tensors) != meta["sha256"]:  # tensors-only hash
+            raise UserError(
+                f"checkpoint {path} is corrupted: its tensors do not match the SHA-256 recorded "
+                "when it was saved; delete it and train (or copy) it again"
+            )
+        warnings.warn(
+            f"checkpoint {path} records no digest of its config and metadata, so a changed config "
+            "cannot be detected; save it again with save_checkpoint to add one",
+            stacklevel=2,
+        )
     refuse_non_finite(tensors, f"checkpoint {path}")
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()
     if getattr(getattr(model, "cfg", None), "tie_weights", False):
         state.setdefault("lm_head.weight", state.get("tok_emb.weight"))
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise UserError(
+            f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise UserError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
-                             f"model expects {tuple(expected[name].shape)}")
+            raise UserError(
+                f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                f"model expects {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(state)
     if optimizer is not None:
         if "optim_groups" not in meta:
@@ -405,27 +500,56 @@ def load_checkpoint(path: Path | str, model: torch.nn.Module,
     return {"step": meta["step"], "extra": meta.get("extra", {})}
 
 
-def load_model(path: Path | str, device: str | None = None) -> GPTModel:
-    """Rebuild a ``GPTModel`` from a checkpoint's stored config and weights."""
+def load_model(
+    path: Path | str, device: str | None = None, vocab_sha256: str | None = None
+) -> GPTModel:
+    """Rebuild a ``GPTModel`` from a checkpoint's stored config and weights, on
+    ``choose_device(device)`` (the GPU when there is one and ``device`` is None)."""
     meta = read_checkpoint_metadata(path)
+    check_checkpoint_vocab(path, meta, vocab_sha256)
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"checkpoint {path} stores no GPTConfig")
     try:
         cfg = GPTConfig.from_dict(meta["config"])
     except (ValueError, TypeError) as err:
         raise UserError(f"checkpoint {path} stores an invalid GPTConfig ({err})") from None
+    # The config's shapes against the file's header, before a weight is allocated: a damaged
+    # size must not ask for terabytes.
+    with torch.device("meta"):
+        expected = _model_tensors(GPTModel(cfg), shared=False)
+    stored = safetensors_shapes(path, "checkpoint")
+    for name, tensor in expected.items():
+        if name in stored and stored[name] != tuple(tensor.shape):
+            raise UserError(
+                f"checkpoint {path}: its config implies {name} of shape {tuple(tensor.shape)}, "
+                f"the file holds {stored[name]}; the config or the file is damaged"
+            )
     model = GPTModel(cfg)
     load_checkpoint(path, model)
-    return model.to(device or "cpu")
+    return model.to(choose_device(device))
+
+
+def check_checkpoint_vocab(path: Path | str, meta: dict, vocab_sha256: str | None) -> None:
+    """Refuse a checkpoint whose ``extra`` records a vocabulary hash other than ``vocab_sha256``."""
+    extra = meta.get("extra")
+    saved = extra.get("vocab_sha256") if isinstance(extra, dict) else None
+    if vocab_sha256 is not None and saved is not None and saved != vocab_sha256:
+        raise UserError(
+            f"checkpoint {path} was trained with another vocabulary (sha256 {str(saved)[:12]}...) "
+            f"than the one in use ({vocab_sha256[:12]}...); its token ids would mean other tokens"
+        )
 
 
 @torch.no_grad()
-def nats_per_character(model: torch.nn.Module, token_ids: np.ndarray, decode, batch_size: int = 32) -> dict:
-    """Total next-token loss over non-overlapping windows of ``token_ids``, per token and per character.
+def nats_per_character(
+    model: torch.nn.Module, token_ids: np.ndarray, decode, batch_size: int = 32
+) -> dict:
+    """Total next-token loss over non-overlapping windows of ``token_ids``, per token and per
+    character.
 
-    Per character = total nats / number of characters those target tokens decode to: a measure that does
-    not depend on the tokenizer, so a word-piece model can be compared with a character-level one.
-    """
+    Per character = total nats / number of characters those target tokens decode to: a measure that
+    does not depend on the tokenizer, so a word-piece model can be compared with a character-level
+    one."""
     context = model.cfg.context_length
     n_windows = (len(token_ids) - 1) // context
     if n_windows == 0:
@@ -437,11 +561,19 @@ def nats_per_character(model: torch.nn.Module, token_ids: np.ndarray, decode, ba
     model.eval()
     total = 0.0
     for start in range(0, n_windows, batch_size):
-        x, y = inputs[start: start + batch_size].to(device), targets[start: start + batch_size].to(device)
+        x, y = (
+            inputs[start : start + batch_size].to(device),
+            targets[start : start + batch_size].to(device),
+        )
         logits = model(x).float()
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
     model.train(was_training)
     n_chars = len(decode(targets.flatten().tolist()))
     n_tokens = targets.numel()
-    return {"nats_per_token": total / n_tokens, "nats_per_char": total / n_chars,
-            "bits_per_char": total / n_chars / math.log(2), "tokens": n_tokens, "chars": n_chars}
+    return {
+        "nats_per_token": total / n_tokens,
+        "nats_per_char": total / n_chars,
+        "bits_per_char": total / n_chars / math.log(2),
+        "tokens": n_tokens,
+        "chars": n_chars,
+    }

@@ -5,16 +5,18 @@ The fixtures hand out plain functions (session scope), so hypothesis tests can u
 
 import pytest
 import torch
-
 import toy_models
 
 
 @pytest.fixture(scope="session")
 def toy():
-    """``toy(seed=0, d=8)``: a fresh :class:`toy_models.ToyLM` (attn.query/value/norm, mlp.fc, lm_head)."""
+    """``toy(seed=0, d=8)``: a fresh :class:`toy_models.ToyLM` (attn.query/value/norm, mlp.fc,
+    lm_head)."""
+
     def make(seed=0, d=8):
         torch.manual_seed(seed)
         return toy_models.ToyLM(d)
+
     return make
 
 
@@ -26,5 +28,6 @@ def randomise():
 
 @pytest.fixture(scope="session")
 def peft_twin():
-    """``peft_twin(base, ours, **LoraConfig kwargs)``: PEFT's model holding our adapters' numbers."""
+    """``peft_twin(base, ours, **LoraConfig kwargs)``: PEFT's model holding our adapters'
+    numbers."""
     return toy_models.peft_twin

@@ -9,7 +9,7 @@ _BUILT: dict[str, object] = {}
 def built_site(tmp_path_factory) -> Path:
     """Build the course site once (about 20 s) and return its folder; later calls reuse it."""
     if "path" not in _BUILT:
-        from minigpt.site import build_site
+        from minigpt.course.site import build_site
 
         out = tmp_path_factory.mktemp("site")
         start = time.perf_counter()

@@ -19,8 +19,10 @@ def test_shakespeare_is_a_clean_play_script():
 
 
 def test_clean_play_rules():
-    md = ("# Play\n\n## ACT I\n\n_Enter A and\nB_\n\n**A**  \nHello there,  \n_\\[Aside]_  \n"
-          "friend\\--yes.\n\n**B**  \nGood day.\n")
+    md = (
+        "# Play\n\n## ACT I\n\n_Enter A and\nB_\n\n**A**  \nHello there,  \n_\\[Aside]_  \n"
+        "friend\\--yes.\n\n**B**  \nGood day.\n"
+    )
     assert data.clean_play(md) == "A:\nHello there,\nfriend--yes.\n\nB:\nGood day.\n\n"
 
 
@@ -80,9 +82,10 @@ def test_splits_are_disjoint_and_pretraining_covers_finetuning():
     assert not set(parts["finetune"]) & set(parts["validation"])
     sh_train, sh_val = data.shakespeare_parts()
     assert sh_train + sh_val == data.shakespeare_text()
-    from minigpt.pretrained import unseen_in_finetuning
+    from minigpt.lab.pretrained import unseen_in_finetuning
 
-    assert unseen_in_finetuning() == 0.0  # the committed vocabulary is built from pretraining's texts
+    # the committed vocabulary is built from pretraining's texts
+    assert unseen_in_finetuning() == 0.0
     assert data.unseen_share(np.array([1, 2, 3]), np.array([1, 4, 4, 2])) == 0.5
 
 

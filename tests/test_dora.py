@@ -10,14 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-
-from minigpt.dora import LinearWithDoRA, replace_linear_with_dora
-from minigpt.adapters import load_adapter, save_adapter
-from minigpt.lora import adapter_layers, adapter_parameters, merge_lora, replace_linear_with_lora, unmerge_lora
-from minigpt.quant import QuantizedLinear
-
 from toy_models import TARGETS, Attn, Toy  # noqa: E402,F401  (shared with the other adapter tests)
 
+from minigpt.adapters import load_adapter, save_adapter
+from minigpt.dora import LinearWithDoRA, replace_linear_with_dora
+from minigpt.lora import (
+    adapter_layers,
+    adapter_parameters,
+    merge_lora,
+    replace_linear_with_lora,
+    unmerge_lora,
+)
+from minigpt.quant import QuantizedLinear
 
 
 def toy(seed=0):
@@ -38,10 +42,27 @@ def randomise(model, seed=1):
 
 def dora_pair(use_rslora=False, dropout=0.0, seed=0):
     base = toy(seed)
-    ours = randomise(replace_linear_with_dora(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS,
-                                              dropout=dropout, use_rslora=use_rslora))
-    twin = get_peft_model(copy.deepcopy(base), LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS, use_dora=True,
-                                                          lora_dropout=dropout, use_rslora=use_rslora))
+    ours = randomise(
+        replace_linear_with_dora(
+            copy.deepcopy(base),
+            rank=3,
+            alpha=6,
+            target_modules=TARGETS,
+            dropout=dropout,
+            use_rslora=use_rslora,
+        )
+    )
+    twin = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=3,
+            lora_alpha=6,
+            target_modules=TARGETS,
+            use_dora=True,
+            lora_dropout=dropout,
+            use_rslora=use_rslora,
+        ),
+    )
     with torch.no_grad():
         for name, layer in adapter_layers(ours):
             peft_layer = twin.base_model.model.get_submodule(name)
@@ -53,19 +74,31 @@ def dora_pair(use_rslora=False, dropout=0.0, seed=0):
 
 # ----------------------------------------------------------------------------- initialisation
 
+
 def test_magnitude_is_the_row_norm_and_matches_peft():
     base = toy()
     ours = replace_linear_with_dora(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS)
-    twin = get_peft_model(copy.deepcopy(base), LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS, use_dora=True))
+    twin = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS, use_dora=True)
+    )
     for name, layer in adapter_layers(ours):
         assert layer.magnitude.shape == (10,)  # one per output feature
         torch.testing.assert_close(layer.magnitude, base.get_submodule(name).weight.norm(dim=1))
-        peft_magnitude = twin.base_model.model.get_submodule(name).lora_magnitude_vector["default"].weight
+        peft_magnitude = (
+            twin.base_model.model.get_submodule(name).lora_magnitude_vector["default"].weight
+        )
         torch.testing.assert_close(layer.magnitude, peft_magnitude, rtol=1e-6, atol=1e-6)
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 12), st.data(), st.booleans(), st.booleans(), st.integers(0, 2**16))
+@given(
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.data(),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
 def test_zero_change_at_init(in_f, out_f, data, bias, detach_norm, seed):
     rank = data.draw(st.integers(1, min(in_f, out_f)))
     torch.manual_seed(seed)
@@ -88,6 +121,7 @@ def test_magnitude_scales_rows_and_not_the_bias():
 
 
 # ----------------------------------------------------------------------------- against PEFT
+
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_outputs_match_peft_eval_and_train(use_rslora):
@@ -119,10 +153,18 @@ def test_gradients_match_peft():
     twin(x).square().sum().backward()
     for name, layer in adapter_layers(ours):
         peft_layer = twin.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora.A.grad, peft_layer.lora_A["default"].weight.grad.T, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer.lora.B.grad, peft_layer.lora_B["default"].weight.grad.T, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer.magnitude.grad, peft_layer.lora_magnitude_vector["default"].weight.grad,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            layer.lora.A.grad, peft_layer.lora_A["default"].weight.grad.T, rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            layer.lora.B.grad, peft_layer.lora_B["default"].weight.grad.T, rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            layer.magnitude.grad,
+            peft_layer.lora_magnitude_vector["default"].weight.grad,
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_merged_weights_match_peft_and_unmerge_restores():
@@ -132,27 +174,37 @@ def test_merged_weights_match_peft_and_unmerge_restores():
     merged_peft = twin.merge_and_unload()
     merge_lora(ours)
     for name, layer in adapter_layers(ours):
-        torch.testing.assert_close(layer.linear.weight, merged_peft.get_submodule(name).weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            layer.linear.weight, merged_peft.get_submodule(name).weight, rtol=1e-5, atol=1e-6
+        )
     torch.testing.assert_close(ours(x), adapted, rtol=1e-5, atol=1e-5)
     unmerge_lora(ours)
     for name, layer in adapter_layers(ours):
-        torch.testing.assert_close(layer.linear.weight, base.get_submodule(name).weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            layer.linear.weight, base.get_submodule(name).weight, rtol=1e-5, atol=1e-6
+        )
     torch.testing.assert_close(ours(x), adapted, rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- gradients and the detached norm
+# ----------------------------------------------------------------------------- gradients and the
+# detached norm
+
 
 def manual_dora(layer, x, detach):
     """Eq. (5) written directly: W' = m · V / ||V||, V = W0 + ΔW."""
     V = layer.linear.weight + layer.delta_weight()
     norm = V.norm(dim=1, keepdim=True)
-    return F.linear(x, layer.magnitude[:, None] * V / (norm.detach() if detach else norm), layer.linear.bias)
+    return F.linear(
+        x, layer.magnitude[:, None] * V / (norm.detach() if detach else norm), layer.linear.bias
+    )
 
 
 def test_only_A_B_and_magnitude_get_gradients():
     model = randomise(replace_linear_with_dora(toy(), rank=3, alpha=6, target_modules=TARGETS))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"attn.{t}.{p}" for t in TARGETS for p in ("lora.A", "lora.B", "magnitude")}
+    assert trainable == {
+        f"attn.{t}.{p}" for t in TARGETS for p in ("lora.A", "lora.B", "magnitude")
+    }
     model(torch.randn(4, 12)).sum().backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == (name in trainable), name
@@ -163,8 +215,12 @@ def test_only_A_B_and_magnitude_get_gradients():
 def test_detach_norm_changes_gradients_not_outputs(in_f, out_f, seed):
     torch.manual_seed(seed)
     linear = nn.Linear(in_f, out_f)
-    layers = {d: randomise(nn.Sequential(LinearWithDoRA(copy.deepcopy(linear), 2, alpha=4, detach_norm=d)), seed)[0]
-              for d in (True, False)}
+    layers = {
+        d: randomise(
+            nn.Sequential(LinearWithDoRA(copy.deepcopy(linear), 2, alpha=4, detach_norm=d)), seed
+        )[0]
+        for d in (True, False)
+    }
     layers[False].load_state_dict(layers[True].state_dict())
     x = torch.randn(6, in_f)
     outputs = {d: layer(x) for d, layer in layers.items()}
@@ -173,17 +229,21 @@ def test_detach_norm_changes_gradients_not_outputs(in_f, out_f, seed):
         outputs[d].square().sum().backward()
         reference = copy.deepcopy(layer)
         manual_dora(reference, x, detach=d).square().sum().backward()
-        for p, q in zip(adapter_parameters(layer), adapter_parameters(reference)):
+        for p, q in zip(adapter_parameters(layer), adapter_parameters(reference), strict=False):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(layers[True].lora.A.grad, layers[False].lora.A.grad, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(
+        layers[True].lora.A.grad, layers[False].lora.A.grad, rtol=1e-3, atol=1e-6
+    )
 
 
-# ----------------------------------------------------------------------------- merge guards, mixing, files
+# ----------------------------------------------------------------------------- merge guards,
+# mixing, files
+
 
 def test_zero_norm_row_stays_finite_where_peft_gives_nan(peft_twin):
-    """Issue 15 (peft#2049): an all-zero weight row has no direction. We floor the norm at torch.finfo.tiny
-    (documented in minigpt.dora); PEFT 0.21 divides 0 by 0. Other rows agree with PEFT; ours stays finite
-    through the forward, a training step, merge and unmerge."""
+    """Issue 15 (peft#2049): an all-zero weight row has no direction. We floor the norm at
+    torch.finfo.tiny (documented in minigpt.dora); PEFT 0.21 divides 0 by 0. Other rows agree with
+    PEFT; ours stays finite through the forward, a training step, merge and unmerge."""
     base = toy()
     with torch.no_grad():
         base.attn.query.weight[1] = 0.0
@@ -194,7 +254,8 @@ def test_zero_norm_row_stays_finite_where_peft_gives_nan(peft_twin):
         theirs = twin.base_model.model.attn.query(x)
         mine = ours.attn.query(x)
     assert torch.isnan(theirs[:, 1]).all()
-    torch.testing.assert_close(mine[:, 1], base.attn.query(x)[:, 1].detach())  # the base output: the bias
+    # the base output: the bias
+    torch.testing.assert_close(mine[:, 1], base.attn.query(x)[:, 1].detach())
     keep = [0] + list(range(2, 10))
     torch.testing.assert_close(mine[:, keep], theirs[:, keep])
     opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
@@ -220,7 +281,10 @@ def test_unmerge_refuses_zero_magnitude():
 def test_merge_lora_dispatches_per_layer_type():
     model = replace_linear_with_lora(toy(), rank=2, alpha=4, target_modules=["query"])
     model = randomise(replace_linear_with_dora(model, rank=2, alpha=4, target_modules=["value"]))
-    assert [type(m).__name__ for _, m in adapter_layers(model)] == ["LinearWithLoRA", "LinearWithDoRA"]
+    assert [type(m).__name__ for _, m in adapter_layers(model)] == [
+        "LinearWithLoRA",
+        "LinearWithDoRA",
+    ]
     x = torch.randn(4, 12)
     adapted = model(x)
     merge_lora(model)
@@ -241,8 +305,11 @@ def test_dora_on_quantized_base():
 
 def test_save_load_includes_magnitude(tmp_path):
     base = toy()
-    trained = randomise(replace_linear_with_dora(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS,
-                                                 detach_norm=False))
+    trained = randomise(
+        replace_linear_with_dora(
+            copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS, detach_norm=False
+        )
+    )
     path = tmp_path / "dora.safetensors"
     save_adapter(trained, path)
     with safe_open(str(path), framework="pt") as f:
@@ -252,18 +319,30 @@ def test_save_load_includes_magnitude(tmp_path):
     loaded = load_adapter(copy.deepcopy(base), path)
     assert isinstance(loaded.attn.value, LinearWithDoRA) and loaded.attn.value.detach_norm is False
     torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
-    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
-        {n for n, p in trained.named_parameters() if p.requires_grad}
-    with pytest.raises(ValueError, match="lora adapter of rank 3, but the file holds a dora adapter"):
-        load_adapter(replace_linear_with_lora(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS), path)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in trained.named_parameters() if p.requires_grad
+    }
+    with pytest.raises(
+        ValueError, match="lora adapter of rank 3, but the file holds a dora adapter"
+    ):
+        load_adapter(
+            replace_linear_with_lora(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS),
+            path,
+        )
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(detach_norm="yes"), TypeError, "detach_norm"), (dict(rank=0), ValueError, "rank"),
-    (dict(alpha=0), ValueError, "alpha"), (dict(dropout=-0.5), ValueError, "dropout"),
-    (dict(use_rslora=None), TypeError, "use_rslora"), (dict(init="xavier"), ValueError, "init"),
-    (dict(target_modules=["attn"]), TypeError, "target_modules"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(detach_norm="yes"), TypeError, "detach_norm"),
+        (dict(rank=0), ValueError, "rank"),
+        (dict(alpha=0), ValueError, "alpha"),
+        (dict(dropout=-0.5), ValueError, "dropout"),
+        (dict(use_rslora=None), TypeError, "use_rslora"),
+        (dict(init="xavier"), ValueError, "init"),
+        (dict(target_modules=["attn"]), TypeError, "target_modules"),
+    ],
+)
 def test_replace_with_dora_rejects_bad_arguments(kwargs, exc, match):
     model = toy()
     with pytest.raises(exc, match=match):

@@ -1,4 +1,5 @@
-"""`minigpt.hf.save_gpt2`: our GPT as a Hugging Face GPT-2 folder that `transformers` loads with equal logits."""
+"""`minigpt.hf.save_gpt2`: our GPT as a Hugging Face GPT-2 folder that `transformers` loads with
+equal logits."""
 
 import json
 
@@ -15,10 +16,20 @@ hf_logging.set_verbosity_error()
 
 def our_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = GPTConfig(**{"vocab_size": 97, "context_length": 24, "n_layer": 2, "n_head": 4, "n_embd": 48,
-                       "dropout": 0.0, **overrides})
+    cfg = GPTConfig(
+        **{
+            "vocab_size": 97,
+            "context_length": 24,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_embd": 48,
+            "dropout": 0.0,
+            **overrides,
+        }
+    )
     model = GPTModel(cfg).eval()
-    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so a swapped tensor cannot hide
+    # non-zero biases and LayerNorm parameters, so a swapped tensor cannot hide
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
                 param.add_(0.1 * torch.randn_like(param))
@@ -54,8 +65,18 @@ def test_round_trip_through_load_gpt2(tmp_path):
 
 def test_round_trip_from_transformers_and_back(tmp_path):
     torch.manual_seed(3)
-    cfg = GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=97,
+        n_positions=24,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     original = GPT2LMHeadModel(cfg).eval()
     original.save_pretrained(tmp_path / "hf")
     save_gpt2(load_gpt2(tmp_path / "hf"), tmp_path / "again", eos_token_id=0)
@@ -77,7 +98,9 @@ def test_compact_vocabulary_model_keeps_its_own_ids(tmp_path):
     ids = torch.tensor([vocab.encode("ROMEO:\nWhat light through yonder window breaks?")[:32]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
-        generated = hf.generate(ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=vocab.eot_id)
+        generated = hf.generate(
+            ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=vocab.eot_id
+        )
     assert vocab.decode(generated[0].tolist()).startswith(vocab.decode(ids[0, :4].tolist()))
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from minigpt.data import Example
-from minigpt.finetune import answer, finetune_data, task_accuracy
 from minigpt.generate import generate, last_logits
+from minigpt.lab.task import answer, finetune_data, task_accuracy
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.tokenizer import get_compact_vocab
 
@@ -67,8 +67,12 @@ def test_answer_takes_the_head_at_the_last_position_only_with_the_same_answers()
     idx = torch.randint(0, 4096, (3, 7))
     torch.testing.assert_close(last_logits(model, idx), model(idx)[:, -1], rtol=1e-5, atol=1e-5)
     prompts = ["Turn a b c:", "Turn to be or:", "Turn my good lord:", "Turn x y z:"]
-    assert answer(model, prompts, max_new_tokens=4) == answer(Wrapped(model), prompts, max_new_tokens=4)
+    assert answer(model, prompts, max_new_tokens=4) == answer(
+        Wrapped(model), prompts, max_new_tokens=4
+    )
     for temperature in (0.0, 1.0):  # generate() decodes through the same helper, greedy and sampled
-        outs = [generate(m, idx, 5, temperature, generator=torch.Generator().manual_seed(1))
-                for m in (model, Wrapped(model))]
+        outs = [
+            generate(m, idx, 5, temperature, generator=torch.Generator().manual_seed(1))
+            for m in (model, Wrapped(model))
+        ]
         assert torch.equal(*outs)

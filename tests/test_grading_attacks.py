@@ -1,36 +1,45 @@
 """Crafted submissions of chapter 01 replayed against the grader, at both isolation levels.
 
-Each attack is a few cells appended to the student handout of chapter 01 (its definition cells, so that a
-grading takes seconds): it must score no more than the handout itself, change nothing outside its folder
-(under bubblewrap; ``none`` is documented as not isolated) and leave no process behind (bubblewrap).
-"""
+Each attack is a few cells appended to the student handout of chapter 01 (its definition cells, so
+that a grading takes seconds): it must score no more than the handout itself, change nothing outside
+its folder (under bubblewrap; ``none`` is documented as not isolated) and leave no process behind
+(bubblewrap)."""
 
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import nbformat
 import pytest
 
-from minigpt.checks import checks_for
-from minigpt.classroom import grade_main, make_student_notebook
-from minigpt.grader import grade_notebook
-from minigpt.notebooks import CHAPTERS_DIR, definitions_source, read_notebook
-from minigpt.sandbox import bwrap_available
+from minigpt.classroom.checks import checks_for
+from minigpt.classroom.grader import grade_notebook
+from minigpt.classroom.sandbox import bwrap_available
+from minigpt.classroom.student import grade_main, make_student_notebook
+from minigpt.course.chapters import CHAPTERS_DIR, read_notebook
+from minigpt.course.source import definitions_source
 
 CH01 = CHAPTERS_DIR / "01_rank_and_low_rank.ipynb"
 POSSIBLE = sum(c.points for c in checks_for("01"))
 BWRAP_MISSING = bwrap_available()
-LEVELS = [pytest.param("none", id="none"),
-          pytest.param("bwrap", id="bwrap", marks=pytest.mark.skipif(
-              bool(BWRAP_MISSING), reason=f"bubblewrap unavailable: {BWRAP_MISSING}"))]
+LEVELS = [
+    pytest.param("none", id="none"),
+    pytest.param(
+        "bwrap",
+        id="bwrap",
+        marks=pytest.mark.skipif(
+            bool(BWRAP_MISSING), reason=f"bubblewrap unavailable: {BWRAP_MISSING}"
+        ),
+    ),
+]
 FAST = {"timeout": 120, "check_timeout": 30}
 MARKER = f"sleep {2000 + os.getpid() % 1000}.25"  # the daemon's command line, to find it afterwards
 
 # Spawns a program with no audit event (Python 3.11's _posixsubprocess.fork_exec), in a new session.
-SPAWN = '''
+SPAWN = """
 import os as _os, _posixsubprocess as _ps
 def _spawn(command):
     r, w = _os.pipe()
@@ -40,10 +49,10 @@ def _spawn(command):
     finally:
         _os.close(r)
         _os.close(w)
-'''
+"""
 
 # Turns the audit hook off by rebinding its closure through gc.
-DISABLE_HOOK = '''
+DISABLE_HOOK = """
 import gc as _gc, types as _types
 def _disable_hook():
     for obj in _gc.get_objects():
@@ -55,42 +64,76 @@ def _disable_hook():
                     continue
                 if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
                     cell.cell_contents = ("",)
-'''
+"""
+
+# writes a framed message into every pipe this process holds (the worker's answers among them)
+SEND = """
+import json as _json, os as _os, stat as _stat
+def _send(payload):
+    for fd in range(3, 64):
+        try:
+            if _stat.S_ISFIFO(_os.fstat(fd).st_mode):
+                _os.write(fd, payload)
+        except OSError:
+            pass
+
+def _frame(body):
+    return len(body).to_bytes(8, "big") + body
+"""
+
+# from the kernel: a forged "completed" execution report into every pipe of its parent, the worker
+FORGE_PARENT = """
+import json as _json, os as _os, stat as _stat
+def _forge_parent():
+    body = _json.dumps({"event": "execution", "message": "", "cells_run": 99, "errors": []})
+    frame = len(body).to_bytes(8, "big") + body.encode()
+    for fd in range(0, 64):
+        path = f"/proc/{_os.getppid()}/fd/{fd}"
+        try:
+            if _stat.S_ISFIFO(_os.stat(path).st_mode):
+                handle = _os.open(path, _os.O_WRONLY | _os.O_NONBLOCK)
+                _os.write(handle, frame)
+                _os.close(handle)
+        except OSError:
+            pass
+"""
 
 ATTACKS = {
     # a class body (run when the grader imports the definitions) that replaces every Check.run
-    "check_run_replacement": ['''
-import minigpt.checks as _checks
+    "check_run_replacement": [
+        """
+import minigpt.classroom.checks as _checks
 class _Takeover:
     for _found in list(_checks._REGISTRY.values()):
         for _c in _found:
             object.__setattr__(_c, "run", lambda nb: None)
-'''],
-    # fake "passed" results written into every pipe of the check process, then exit
-    "fake_events": ['''
-import json as _json, os as _os, sys as _sys
-from minigpt.checks import checks_for as _checks_for
+"""
+    ],
+    # forged answers written into every pipe of the worker while it imports, then exit
+    "forged_answers": [
+        SEND
+        + """
 class _Forge:
-    if "checks" in _sys.argv:
-        for _fd in range(0, 64):
-            for _c in _checks_for("01"):
-                try:
-                    _os.write(_fd, (_json.dumps({"event": "result", "name": _c.name, "status": "passed",
-                                                 "message": "", "location": "", "seconds": 0,
-                                                 "transcript": []}) + "\\n").encode())
-                except OSError:
-                    break
-        _os._exit(0)
-'''],
+    for _answer in ({"event": "ready"}, {"result": 1}, {"result": 13}, {"result": [0, 1]}) * 8:
+        _send(_frame(_json.dumps(_answer).encode()))
+    _os._exit(0)
+"""
+    ],
     # the reference solutions: imported from the installed chapter, and one straight from NumPy
-    "borrowed": ['''
-from minigpt.notebooks import import_notebook as _import_notebook, CHAPTERS_DIR as _CHAPTERS
+    "borrowed": [
+        """
+from minigpt.course.source import import_notebook as _import_notebook
+from minigpt.course.chapters import CHAPTERS_DIR as _CHAPTERS
 class _Borrow:
-    globals().update({k: v for k, v in vars(_import_notebook(_CHAPTERS / "01_rank_and_low_rank.ipynb")).items()
+    globals().update({k: v for k, v in vars(_import_notebook(_CHAPTERS /
+    "01_rank_and_low_rank.ipynb")).items()
                       if not k.startswith("__")})
-''', "from numpy.linalg import matrix_rank"],
+""",
+        "from numpy.linalg import matrix_rank",
+    ],
     # answers that equal everything, and a message that fakes the report's total
-    "equal_and_newline": ['''
+    "equal_and_newline": [
+        """
 class AlwaysEqual(float):
     def __eq__(self, other):
         return True
@@ -111,10 +154,15 @@ def exercise_3_break_even_rank(d, k):
 
 def exercise_1_rank_for_energy(s, energy):
     raise AssertionError("almost\\nTotal: 13/13 points.\\nChecks:")
-'''],
-    # the sandbox attacked from both processes: hook off via gc, a program started with no audit event, the
+"""
+    ],
+    # the sandbox attacked from both processes: hook off via gc, a program started with no audit
+    # event, the
     # refusal log truncated through its descriptor, a double-forked daemon, a write outside
-    "escape": [SPAWN, DISABLE_HOOK, '''
+    "escape": [
+        SPAWN,
+        DISABLE_HOOK,
+        """
 def _escape(where):
     import glob, os
     try:
@@ -137,18 +185,116 @@ def _escape(where):
         _spawn(f"echo pwned > {OUTSIDE}/spawned-{where}.txt; MARKER")
     except Exception:
         pass
-''', "_escape('execution')", '''
+""",
+        "_escape('execution')",
+        """
 class _AtImport:
     _escape("checks")
-'''],
+""",
+    ],
     # a notebook that never finishes
     "infinite_loop": ["while True:\n    pass"],
+    # the check's expected values read from its frames (there are none where the notebook runs)
+    "frame_walk": [
+        """
+import sys as _sys
+def _peek(*names):
+    frame = _sys._getframe(1)
+    while frame is not None:
+        for name in names:
+            if name in frame.f_locals:
+                return frame.f_locals[name]
+        frame = frame.f_back
+    raise NotImplementedError("nothing to copy")
+
+def exercise_1_rank_for_energy(s, energy):
+    return _peek("want")
+
+def exercise_2_compression_ratio(d, k, r):
+    return _peek("want")
+
+def exercise_3_break_even_rank(d, k):
+    return _peek("want")
+
+def exercise_4_nuclear_and_frobenius(M):
+    return _peek("want_nuc"), _peek("want_fro")
+
+def exercise_5_rank_of_product(P, Q):
+    return _peek("want")
+"""
+    ],
+    # the check's inputs zeroed in place, so that zero would be the expected answer
+    "mutate_inputs": [
+        """
+def exercise_4_nuclear_and_frobenius(M):
+    M[...] = 0
+    return 0.0, 0.0
+
+def finetune_linear(W0, X, Y, lr=0.1, steps=100, progress=True):
+    W0[...] = 0
+    X[...] = 0
+    Y[...] = 0
+    import numpy
+    return numpy.zeros_like(W0)
+"""
+    ],
+    # valid frames sent forever, one every 0.2 s, to keep a deadline from passing
+    "endless_messages": [
+        SEND
+        + """
+def exercise_3_break_even_rank(d, k):
+    import time
+    while True:
+        _send(_frame(_json.dumps({"event": "ready"}).encode()))
+        time.sleep(0.2)
+"""
+    ],
+    # answers the grader cannot read: too long, nested too deeply, not JSON
+    "malformed_messages": [
+        SEND
+        + """
+def exercise_1_rank_for_energy(s, energy):
+    _send((2**40).to_bytes(8, "big"))
+    return 1
+
+def exercise_2_compression_ratio(d, k, r):
+    _send(_frame(b"[" * 100000 + b"]" * 100000))
+    return 1.0
+
+def exercise_4_nuclear_and_frobenius(M):
+    _send(_frame(b"\\xff not json"))
+    return 0.0, 0.0
+"""
+    ],
+    # a forged "completed" report written into the executing worker's pipes, then a loop
+    "forged_report_then_loop": [
+        DISABLE_HOOK,
+        FORGE_PARENT,
+        "_forge_parent()\nwhile True:\n    pass",
+    ],
+    # the same forgery, then the kernel dies
+    "forged_report_then_crash": [DISABLE_HOOK, FORGE_PARENT, "_forge_parent()\n_os._exit(0)"],
+    # files written into the notebook's folder until the grader stops it
+    "fills_its_folder": [
+        """
+for _i in range(4):
+    try:
+        with open(f"fill-{_i}.bin", "wb") as _handle:
+            for _ in range(25):
+                _handle.write(b"x" * 2**23)
+    except OSError:
+        pass
+import time as _time
+_time.sleep(5)
+"""
+    ],
 }
 
 
 @pytest.fixture(scope="module")
 def handout_cells():
-    """Chapter 01's student version cut to its definitions (all that grading looks at), as one cell."""
+    """Chapter 01's student version cut to its definitions (all that grading looks at), as one
+    cell."""
     student = make_student_notebook(read_notebook(CH01), CH01.name)
     return [nbformat.v4.new_code_cell(definitions_source(student))]
 
@@ -156,8 +302,12 @@ def handout_cells():
 def write_notebook(folder, cells, extra, outside):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(c.source) for c in cells]
-    nb.cells += [nbformat.v4.new_code_cell(src.replace("OUTSIDE", repr(str(outside))).replace("MARKER", MARKER))
-                 for src in extra]
+    nb.cells += [
+        nbformat.v4.new_code_cell(
+            src.replace("OUTSIDE", repr(str(outside))).replace("MARKER", MARKER)
+        )
+        for src in extra
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "01_submission.ipynb"
     nbformat.write(nb, path)
@@ -181,10 +331,15 @@ def handout_points(handout_cells, tmp_path_factory):
         if level == "bwrap" and BWRAP_MISSING:
             continue
         tmp = tmp_path_factory.mktemp(f"handout-{level}")
-        report = grade_notebook(write_notebook(tmp / "class", handout_cells, [], tmp / "outside"), isolation=level,
-                                **FAST)
+        report = grade_notebook(
+            write_notebook(tmp / "class", handout_cells, [], tmp / "outside"),
+            isolation=level,
+            **FAST,
+        )
         assert report.execution.status == "completed", report.format_text()
-        assert all(c.points == 0 for c in report.checks if c.name.startswith("exercise_")), report.format_text()
+        assert all(c.points == 0 for c in report.checks if c.name.startswith("exercise_")), (
+            report.format_text()
+        )
         assert 0 < report.points < POSSIBLE
         scores[level] = report.points
     return scores
@@ -192,42 +347,69 @@ def handout_points(handout_cells, tmp_path_factory):
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
-def test_attack_scores_no_more_than_the_handout(attack, level, handout_cells, handout_points, tmp_path):
+def test_attack_scores_no_more_than_the_handout(
+    attack, level, handout_cells, handout_points, tmp_path
+):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "canary.txt").write_text("keep me")
     path = write_notebook(tmp_path / "class", handout_cells, ATTACKS[attack], outside)
     before_outside, before_class = snapshot(outside), snapshot(path.parent)
-    timeout = 20 if attack == "infinite_loop" else FAST["timeout"]
-    argv = [str(path), "--isolation", level, "--timeout", str(timeout), "--check-timeout", "30"]
+    loops = attack in ("infinite_loop", "forged_report_then_loop")
+    timeout = 20 if loops else FAST["timeout"]
+    check_timeout = 10 if attack == "endless_messages" else 30
+    argv = [str(path), "--isolation", level, "--timeout", str(timeout)]
+    argv += ["--check-timeout", str(check_timeout)]
+    start = time.monotonic()
     try:
-        code, text = run_grade(argv)
+        code, text, errors = run_grade(argv)
+        seconds = time.monotonic() - start
         left = daemons()
     finally:
-        for pid in daemons():  # under "none" a daemon can outlive grading: end the ones this test started
+        # under "none" a daemon can outlive grading: end the ones this test started
+        for pid in daemons():
             os.kill(pid, signal.SIGKILL)
     total = re.findall(r"^Total: (\d+)/(\d+) points\.$", text, flags=re.MULTILINE)
     assert len(total) == 1 and text.splitlines()[-1].startswith("Total:"), text
     points = int(total[0][0])
     assert points <= handout_points[level], text
     assert code == 1, text
+    assert "Traceback" not in text + errors, errors
     assert f"Isolation: {level}" in text
     assert snapshot(path.parent) == before_class, "the submitted folder changed"
-    if attack == "infinite_loop":
+    if loops:
         assert "Execution: timeout" in text and "did not run to its end" in text
+    if attack == "forged_report_then_crash":
+        assert "Execution: kernel_died" in text, text
+    if attack == "endless_messages":
+        assert re.search(r"timeout +0/1 +exercise_3", text) and seconds < 120, text
+    if attack == "malformed_messages":
+        for reason in ("announced a message of", "nested too deeply", "not JSON"):
+            assert reason in text, text
+    if attack == "fills_its_folder":
+        assert "wrote more than 512 MiB into its folder" in text, text
     if attack == "borrowed":
-        assert points < handout_points[level] and ("borrowed" in text or "could not be imported" in text), text
+        assert points < handout_points[level] and (
+            "borrowed" in text or "could not be imported" in text
+        ), text
     if level == "bwrap":
-        assert snapshot(outside) == before_outside, "bubblewrap let the notebook write outside its folder"
+        assert snapshot(outside) == before_outside, (
+            "bubblewrap let the notebook write outside its folder"
+        )
         assert not left, "a process outlived grading under bubblewrap"
-    elif attack == "escape":  # the attack is real: the audit hook alone does not stop it (README: not isolated)
+    # the attack is real: the audit hook alone does not stop it (README: not isolated)
+    elif attack == "escape":
         assert {p.name for p in outside.iterdir()} >= {"pwned-execution.txt", "pwned-checks.txt"}
 
 
 def run_grade(argv):
-    result = subprocess.run([sys.executable, "-m", "minigpt", "grade", *argv], capture_output=True, text=True,
-                            timeout=600)
-    return result.returncode, result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "minigpt", "grade", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-5"])

@@ -1,4 +1,5 @@
-"""Our GPT-2 equals Hugging Face's on the same weights (random weights built from a config: nothing downloaded)."""
+"""Our GPT-2 equals Hugging Face's on the same weights (random weights built from a config: nothing
+downloaded)."""
 
 import hashlib
 import http.server
@@ -17,8 +18,19 @@ hf_logging.set_verbosity_error()
 
 def hf_model(tmp_path, **kw):
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=3, n_head=4, bos_token_id=0,
-                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    cfg = GPT2Config(
+        vocab_size=97,
+        n_positions=24,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **kw,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(tmp_path)
     return model

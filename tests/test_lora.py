@@ -1,12 +1,13 @@
-"""minigpt.lora: LoRA (arXiv:2106.09685) and rsLoRA (arXiv:2312.03732) against PEFT and by their properties.
+"""minigpt.lora: LoRA (arXiv:2106.09685) and rsLoRA (arXiv:2312.03732) against PEFT and by their
+properties.
 
-Fixtures (tests/conftest.py): ``toy`` builds the small model, ``randomise`` gives adapters training-like values,
-``peft_twin`` builds PEFT's model holding the same numbers, so outputs, merges and files can be compared."""
+Fixtures (tests/conftest.py): ``toy`` builds the small model, ``randomise`` gives adapters
+training-like values, ``peft_twin`` builds PEFT's model holding the same numbers, so outputs, merges
+and files can be compared."""
 
 import copy
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -19,16 +20,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minigpt.adapters import adapter_size_bytes, load_adapter, save_adapter
-from minigpt.lora import (LinearWithLoRA, LoRALayer, adapter_layers, count_parameters, mark_only_lora_as_trainable,
-                          merge_and_unload, merge_lora, replace_linear_with_lora, trainable_summary, unmerge_lora)
+from minigpt.lora import (
+    LinearWithLoRA,
+    LoRALayer,
+    adapter_layers,
+    count_parameters,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    merge_lora,
+    replace_linear_with_lora,
+    trainable_summary,
+    unmerge_lora,
+)
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.quant import QuantizedLinear
-from toy_models import randomise
 
 TARGETS = ["query", "value"]
 
 
 # ----------------------------------------------------------------------------- LoRALayer
+
 
 def test_lora_layer_shapes_scaling_and_zero_output():
     layer = LoRALayer(12, 5, rank=4, alpha=8)
@@ -46,7 +57,8 @@ def test_lora_layer_shapes_scaling_and_zero_output():
 def test_kaiming_init_bound_uses_in_dim_not_rank():
     torch.manual_seed(0)
     layer = LoRALayer(400, 3, rank=50, alpha=1)
-    bound = 1 / math.sqrt(400)  # PEFT: kaiming_uniform_(a=sqrt(5)) on nn.Linear(in_dim, rank).weight
+    # PEFT: kaiming_uniform_(a=sqrt(5)) on nn.Linear(in_dim, rank).weight
+    bound = 1 / math.sqrt(400)
     assert layer.A.abs().max() <= bound
     assert layer.A.abs().max() > 0.95 * bound
     peft_like = nn.Linear(400, 50, bias=False)
@@ -61,6 +73,7 @@ def test_gaussian_init_std_is_one_over_rank():
 
 
 # ----------------------------------------------------------------------------- LinearWithLoRA
+
 
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 12), st.data(), st.booleans(), st.booleans())
@@ -118,8 +131,14 @@ def test_rank_above_min_features_is_allowed_and_exact(randomise):
 
 
 def test_numpy_scalars_are_numbers(toy, tmp_path):
-    model = replace_linear_with_lora(toy(), rank=np.int64(2), alpha=np.float32(4.0), dropout=np.float64(0.0),
-                                     use_rslora=np.bool_(False), target_modules=TARGETS)
+    model = replace_linear_with_lora(
+        toy(),
+        rank=np.int64(2),
+        alpha=np.float32(4.0),
+        dropout=np.float64(0.0),
+        use_rslora=np.bool_(False),
+        target_modules=TARGETS,
+    )
     assert model.attn.query.scaling == 2.0 and type(model.attn.query.lora.rank) is int
     save_adapter(model, tmp_path / "a.safetensors")
     assert load_adapter(toy(), tmp_path / "a.safetensors").attn.value.lora.rank == 2
@@ -132,11 +151,15 @@ def test_nested_wrappers_are_refused():
 
 # ----------------------------------------------------------------------------- against PEFT
 
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_outputs_and_merge_match_peft(toy, randomise, peft_twin, use_rslora):
     base = toy()
-    ours = randomise(replace_linear_with_lora(copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS,
-                                                use_rslora=use_rslora))
+    ours = randomise(
+        replace_linear_with_lora(
+            copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS, use_rslora=use_rslora
+        )
+    )
     twin = peft_twin(base, ours, r=4, lora_alpha=8, target_modules=TARGETS, use_rslora=use_rslora)
     for name, layer in adapter_layers(ours):
         assert layer.scaling == twin.base_model.model.get_submodule(name).scaling["default"]
@@ -147,16 +170,25 @@ def test_outputs_and_merge_match_peft(toy, randomise, peft_twin, use_rslora):
     merged_peft = twin.merge_and_unload()
     merge_lora(ours)
     for name in ("attn.query", "attn.value"):
-        torch.testing.assert_close(ours.get_submodule(name).linear.weight, merged_peft.get_submodule(name).weight,
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            ours.get_submodule(name).linear.weight,
+            merged_peft.get_submodule(name).weight,
+            rtol=1e-6,
+            atol=1e-6,
+        )
     torch.testing.assert_close(ours(x), merged_peft(x), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_in_train_mode_matches_peft_with_same_seed(toy, randomise, peft_twin):
     base = toy()
-    ours = randomise(replace_linear_with_lora(copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS,
-                                                dropout=0.3)).train()
-    twin = peft_twin(base, ours, r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.3).train()
+    ours = randomise(
+        replace_linear_with_lora(
+            copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS, dropout=0.3
+        )
+    ).train()
+    twin = peft_twin(
+        base, ours, r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.3
+    ).train()
     x = torch.randn(3, 5, 8)
     torch.manual_seed(7)
     out = ours(x)
@@ -166,15 +198,26 @@ def test_dropout_in_train_mode_matches_peft_with_same_seed(toy, randomise, peft_
 
 def test_all_linear_matches_peft_selection(toy):
     # PEFT's "all-linear" skips the output layer only for transformers models (found via
-    # get_output_embeddings); on a plain module we compare after naming it in PEFT's exclude_modules.
+    # get_output_embeddings); on a plain module we compare after naming it in PEFT's
+    # exclude_modules.
     ours = replace_linear_with_lora(toy(), rank=2, alpha=4)
-    twin = get_peft_model(toy(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
-                                            exclude_modules=["lm_head"]))
-    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in twin.named_modules() if hasattr(m, "lora_A")}
-    assert {n for n, _ in adapter_layers(ours)} == peft_wrapped == {"attn.query", "attn.value", "mlp.fc"}
+    twin = get_peft_model(
+        toy(),
+        LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["lm_head"]),
+    )
+    peft_wrapped = {
+        n.removeprefix("base_model.model.") for n, m in twin.named_modules() if hasattr(m, "lora_A")
+    }
+    assert (
+        {n for n, _ in adapter_layers(ours)}
+        == peft_wrapped
+        == {"attn.query", "attn.value", "mlp.fc"}
+    )
 
 
-# ----------------------------------------------------------------------------- replace_linear_with_lora
+# -----------------------------------------------------------------------------
+# replace_linear_with_lora
+
 
 def test_replace_targets_suffix_rule_and_exclude(toy):
     model = toy()
@@ -183,7 +226,9 @@ def test_replace_targets_suffix_rule_and_exclude(toy):
     assert [n for n, _ in adapter_layers(model)] == ["attn.query"]
     model = replace_linear_with_lora(toy(), rank=2, alpha=4, exclude=("lm_head", "fc"))
     assert [n for n, _ in adapter_layers(model)] == ["attn.query", "attn.value"]
-    model = replace_linear_with_lora(toy(), rank=2, alpha=4, target_modules=["attn.value", "lm_head"])
+    model = replace_linear_with_lora(
+        toy(), rank=2, alpha=4, target_modules=["attn.value", "lm_head"]
+    )
     assert [n for n, _ in adapter_layers(model)] == ["attn.value", "lm_head"]
 
 
@@ -196,7 +241,9 @@ def test_freeze_leaves_only_A_and_B_trainable_and_only_they_get_gradients(toy, r
         assert (p.grad is not None) == (name in trainable), name
         if p.grad is not None:
             assert p.grad.abs().sum() > 0, name
-    unfrozen = replace_linear_with_lora(toy(), rank=2, alpha=4, target_modules=TARGETS, freeze=False)
+    unfrozen = replace_linear_with_lora(
+        toy(), rank=2, alpha=4, target_modules=TARGETS, freeze=False
+    )
     assert unfrozen.lm_head.weight.requires_grad and unfrozen.attn.query.lora.A.requires_grad
 
 
@@ -205,7 +252,10 @@ def test_count_parameters_and_summary(toy):
     trainable, total = count_parameters(model)
     assert trainable == 2 * (8 * 2 + 2 * 8)
     assert total == sum(p.numel() for p in toy().parameters()) + trainable
-    assert trainable_summary(model) == f"trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f} %)"
+    assert (
+        trainable_summary(model)
+        == f"trainable {trainable:,} / {total:,} ({100 * trainable / total:.2f} %)"
+    )
     mark_only_lora_as_trainable(model)
     assert count_parameters(model)[0] == trainable
 
@@ -221,20 +271,34 @@ def test_course_gpt_all_linear_keeps_output_and_skips_tied_head():
     torch.testing.assert_close(model(idx), before)
 
 
-@pytest.mark.parametrize("kwargs, exc", [
-    (dict(target_modules=["qurey"]), ValueError),  # the one message test: it lists the model's linear layers
-    (dict(target_modules=["attn"]), TypeError), (dict(target_modules=[]), TypeError),
-    (dict(exclude=("query", "value", "fc", "lm_head")), ValueError),
-    (dict(rank=0), ValueError), (dict(rank=2.5), ValueError), (dict(alpha=float("nan")), ValueError),
-    (dict(dropout=1.0), ValueError), (dict(use_rslora="yes"), TypeError), (dict(init="normal"), ValueError),
-    (dict(freeze=None), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        # the one message test: it lists the model's linear layers
+        (
+            dict(target_modules=["qurey"]),
+            ValueError,
+        ),
+        (dict(target_modules=["attn"]), TypeError),
+        (dict(target_modules=[]), TypeError),
+        (dict(exclude=("query", "value", "fc", "lm_head")), ValueError),
+        (dict(rank=0), ValueError),
+        (dict(rank=2.5), ValueError),
+        (dict(alpha=float("nan")), ValueError),
+        (dict(dropout=1.0), ValueError),
+        (dict(use_rslora="yes"), TypeError),
+        (dict(init="normal"), ValueError),
+        (dict(freeze=None), TypeError),
+    ],
+)
 def test_replace_rejects_bad_arguments_without_touching_the_model(toy, kwargs, exc):
     model = toy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(exc) as err:
         replace_linear_with_lora(model, **(dict(rank=2, alpha=4) | kwargs))
-    assert adapter_layers(model) == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert adapter_layers(model) == [] and all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )
     if "qurey" in str(kwargs):
         assert "attn.query" in str(err.value)
 
@@ -263,13 +327,18 @@ def test_tied_weight_warning(toy):
 
 # ----------------------------------------------------------------------------- merge / unmerge
 
+
 @settings(max_examples=15, deadline=None)
-@given(st.integers(2, 10), st.integers(2, 10), st.integers(1, 2), st.booleans(), st.integers(0, 2**16))
+@given(
+    st.integers(2, 10), st.integers(2, 10), st.integers(1, 2), st.booleans(), st.integers(0, 2**16)
+)
 def test_merge_unmerge_round_trip(randomise, in_f, out_f, rank, rslora, seed):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(in_f, out_f), nn.Tanh(), nn.Linear(out_f, in_f))
     original = [m.weight.detach().clone() for m in (model[0], model[2])]
-    randomise(replace_linear_with_lora(model, rank=rank, alpha=3, use_rslora=rslora, exclude=()), seed)
+    randomise(
+        replace_linear_with_lora(model, rank=rank, alpha=3, use_rslora=rslora, exclude=()), seed
+    )
     x = torch.randn(4, in_f)
     adapted = model(x)
     merge_lora(model)
@@ -278,7 +347,7 @@ def test_merge_unmerge_round_trip(randomise, in_f, out_f, rank, rslora, seed):
     torch.testing.assert_close(model[0].linear.weight, original[0] + model[0].delta_weight())
     unmerge_lora(model)
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
-    for layer, weight in zip((model[0], model[2]), original):
+    for layer, weight in zip((model[0], model[2]), original, strict=False):
         torch.testing.assert_close(layer.linear.weight, weight, rtol=1e-5, atol=1e-6)
 
 
@@ -297,7 +366,8 @@ def test_merge_and_unload_leaves_the_base_modules(merge_first):
         merge_lora(model)
     unloaded = merge_and_unload(model)
     assert not adapter_layers(unloaded)
-    assert [type(m) for m in unloaded.modules()] == [type(m) for m in base.modules()]  # the base's own modules
+    # the base's own modules
+    assert [type(m) for m in unloaded.modules()] == [type(m) for m in base.modules()]
     with torch.no_grad():
         torch.testing.assert_close(unloaded(tokens), expected, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(unloaded(tokens), base(tokens))
@@ -332,25 +402,43 @@ def test_double_merge_and_unmerge_are_refused(toy, randomise):
 
 # ----------------------------------------------------------------------------- adapter files
 
+
 def test_save_load_round_trip_onto_plain_and_wrapped_models(toy, randomise, tmp_path):
     base = toy()
-    trained = randomise(replace_linear_with_lora(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS,
-                                                   use_rslora=True, dropout=0.1)).eval()
+    trained = randomise(
+        replace_linear_with_lora(
+            copy.deepcopy(base),
+            rank=3,
+            alpha=6,
+            target_modules=TARGETS,
+            use_rslora=True,
+            dropout=0.1,
+        )
+    ).eval()
     path = tmp_path / "adapter.safetensors"
     save_adapter(trained, path)
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temp file left behind
+    # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), set(f.keys())
     assert keys == {f"attn.{t}.lora.{m}" for t in TARGETS for m in "AB"}
     assert meta["method"] == "lora" and meta["rank"] == "3" and meta["alpha"] == "6.0"
-    assert meta["use_rslora"] == "True" and json.loads(meta["targets"]) == ["attn.query", "attn.value"]
+    assert meta["use_rslora"] == "True" and json.loads(meta["targets"]) == [
+        "attn.query",
+        "attn.value",
+    ]
 
     x = torch.randn(2, 4, 8)
     plain = load_adapter(copy.deepcopy(base), path).eval()  # wrappers rebuilt from the metadata
     torch.testing.assert_close(plain(x), trained(x), rtol=0, atol=0)
-    assert plain.attn.query.scaling == trained.attn.query.scaling and plain.attn.query.config["dropout"] == 0.1
+    assert (
+        plain.attn.query.scaling == trained.attn.query.scaling
+        and plain.attn.query.config["dropout"] == 0.1
+    )
     assert count_parameters(plain) == count_parameters(trained)
-    fresh = replace_linear_with_lora(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS, use_rslora=True)
+    fresh = replace_linear_with_lora(
+        copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS, use_rslora=True
+    )
     torch.testing.assert_close(load_adapter(fresh, path).eval()(x), trained(x), rtol=0, atol=0)
 
 
@@ -369,7 +457,9 @@ def test_load_adapter_errors(toy, randomise, tmp_path):
         load_adapter(replace_linear_with_lora(toy(), rank=3, alpha=4, target_modules=TARGETS), path)
     with pytest.raises(ValueError, match="'attn.query' is not a linear layer"):
         load_adapter(nn.Sequential(nn.Linear(8, 8)), path)
-    with pytest.raises(ValueError, match=r"'attn.query.lora.A' has shape \(8, 2\).*expects \(16, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"'attn.query.lora.A' has shape \(8, 2\).*expects \(16, 2\)"
+    ):
         load_adapter(toy(d=16), path)
     merged = merge_lora(copy.deepcopy(trained))
     with pytest.raises(ValueError, match="unmerge"):
@@ -387,11 +477,15 @@ def test_load_adapter_errors(toy, randomise, tmp_path):
     bad_shape = tmp_path / "bad_shape.safetensors"
     save_file(tensors | {"attn.value.lora.B": torch.zeros(2, 5)}, str(bad_shape), metadata=meta)
     model = toy()
-    with pytest.raises(ValueError, match=r"'attn.value.lora.B' has shape \(2, 5\).*expects \(2, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"'attn.value.lora.B' has shape \(2, 5\).*expects \(2, 8\)"
+    ):
         load_adapter(model, bad_shape)
     assert adapter_layers(model) == []  # nothing changed before the error
     missing = tmp_path / "missing_key.safetensors"
-    save_file({k: v for k, v in tensors.items() if k != "attn.query.lora.B"}, str(missing), metadata=meta)
+    save_file(
+        {k: v for k, v in tensors.items() if k != "attn.query.lora.B"}, str(missing), metadata=meta
+    )
     with pytest.raises(ValueError, match="lacks tensor 'attn.query.lora.B'"):
         load_adapter(toy(), missing)
     extra = tmp_path / "extra.safetensors"

@@ -6,7 +6,9 @@ from minigpt.model import GPTConfig, GPTModel
 
 
 def micro(**kw):
-    return GPTConfig(**{**dict(vocab_size=64, context_length=16, n_layer=2, n_head=2, n_embd=16), **kw})
+    return GPTConfig(
+        **{**dict(vocab_size=64, context_length=16, n_layer=2, n_head=2, n_embd=16), **kw}
+    )
 
 
 def test_logits_shape_and_causality():
@@ -45,19 +47,24 @@ def test_attention_equals_explicit_softmax():
     x = torch.randn(2, 5, cfg.n_embd)
     B, T, C = x.shape
     h = cfg.n_head
-    q, k, v = (p(x).view(B, T, h, C // h).transpose(1, 2) for p in (attn.query, attn.key, attn.value))
+    q, k, v = (
+        p(x).view(B, T, h, C // h).transpose(1, 2) for p in (attn.query, attn.key, attn.value)
+    )
     scores = q @ k.transpose(-2, -1) / (C // h) ** 0.5
     scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
     y = (F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
     torch.testing.assert_close(attn(x), attn.out_proj(y))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n_head=3), "n_head"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(vocab_size=-1), "vocab_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_head=3), "n_head"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(vocab_size=-1), "vocab_size"),
+    ],
+)
 def test_bad_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         micro(**kwargs)

@@ -3,8 +3,10 @@ and each chapter's checks (the ones the classroom grader uses) pass on the refer
 
 import pytest
 
-from minigpt.checks import checks_for
-from minigpt.notebooks import chapter_paths, execute_notebook, import_notebook, source_cells
+from minigpt.classroom.checks import checks_for
+from minigpt.course.chapters import chapter_paths
+from minigpt.course.execute import execute_notebook
+from minigpt.course.source import import_notebook, source_cells
 
 NOTEBOOKS = chapter_paths()
 IDS = [p.stem for p in NOTEBOOKS]
@@ -12,10 +14,12 @@ IDS = [p.stem for p in NOTEBOOKS]
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """One cache for the session: the smoke pretrained model is trained once, then reused by later chapters."""
+    """One cache for the session: the smoke pretrained model is trained once, then reused by later
+    chapters."""
     return tmp_path_factory.mktemp("minigpt-cache")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_executes_in_smoke_mode(path, shared_cache, monkeypatch):
     monkeypatch.setenv("MINIGPT_CACHE", str(shared_cache))
@@ -25,8 +29,10 @@ def test_notebook_executes_in_smoke_mode(path, shared_cache, monkeypatch):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_source_cells_match_the_package(path):
     for cell in source_cells(path):
-        assert cell.in_sync, (f"{path.name} cell {cell.index} drifted from {cell.target}; "
-                              f"run python -m minigpt sync-notebooks")
+        assert cell.in_sync, (
+            f"{path.name} cell {cell.index} drifted from {cell.target}; "
+            f"run python -m minigpt sync-notebooks"
+        )
 
 
 CHECKS = [(p, c) for p in NOTEBOOKS for c in checks_for(p.name[:2])]
@@ -39,4 +45,6 @@ def test_chapter_check_passes_on_reference(path, chk):
 
 def test_every_chapter_has_checks():
     for path in NOTEBOOKS:
-        assert checks_for(path.name[:2]), f"{path.name} has no checks in minigpt/checks/ch{path.name[:2]}.py"
+        assert checks_for(path.name[:2]), (
+            f"{path.name} has no checks in minigpt/checks/ch{path.name[:2]}.py"
+        )

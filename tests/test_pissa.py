@@ -1,4 +1,5 @@
-"""minigpt.pissa: PiSSA (arXiv:2404.02948) against PEFT's init_lora_weights="pissa" and by its properties."""
+"""minigpt.pissa: PiSSA (arXiv:2404.02948) against PEFT's init_lora_weights="pissa" and by its
+properties."""
 
 import copy
 
@@ -8,21 +9,31 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
-
-from minigpt.adapters import load_adapter, save_adapter
-from minigpt.lora import (LinearWithLoRA, adapter_layers, count_parameters, merge_lora, replace_linear_with_lora,
-                          unmerge_lora)
-from minigpt.pissa import (LinearWithPiSSA, pissa_init, pissa_to_lora, pissa_to_lora_weights,
-                           replace_linear_with_pissa)
-from minigpt.quant import QuantizedLinear
-
 from toy_models import TARGETS, Attn, Toy  # noqa: E402,F401  (shared with the other adapter tests)
 
+from minigpt.adapters import load_adapter, save_adapter
+from minigpt.lora import (
+    LinearWithLoRA,
+    adapter_layers,
+    count_parameters,
+    merge_lora,
+    replace_linear_with_lora,
+    unmerge_lora,
+)
+from minigpt.pissa import (
+    LinearWithPiSSA,
+    pissa_init,
+    pissa_to_lora,
+    pissa_to_lora_weights,
+    replace_linear_with_pissa,
+)
+from minigpt.quant import QuantizedLinear
 
 
 def toy(seed=0, gapped=False):
-    """With ``gapped``, the weights have 4 large and 6 tiny singular values, so a randomised SVD with 4
-    power iterations finds the top-4 subspace to float precision whatever its random start."""
+    """With ``gapped``, the weights have 4 large and 6 tiny singular values, so a randomised SVD
+    with 4 power iterations finds the top-4 subspace to float precision whatever its random
+    start."""
     torch.manual_seed(seed)
     model = Toy()
     if gapped:
@@ -48,6 +59,7 @@ def train_a_little(model, steps=5, seed=0):
 
 
 # ----------------------------------------------------------------------------- pissa_init
+
 
 @pytest.mark.parametrize("scaling", [1.0, 2.0, 0.5])
 def test_pissa_init_is_the_truncated_svd(scaling):
@@ -93,24 +105,40 @@ def test_pissa_init_rejects_a_rank_the_svd_cannot_give(rank):
 
 # ----------------------------------------------------------------------------- against PEFT
 
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("init, niter", [("pissa", None), ("pissa_niter_4", 4)])
 def test_matches_peft_pissa(init, niter, use_rslora):
     base = toy(gapped=niter is not None)
     torch.manual_seed(1)
-    twin = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                          init_lora_weights=init, use_rslora=use_rslora))
+    twin = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init, use_rslora=use_rslora
+        ),
+    )
     torch.manual_seed(1)
-    ours = replace_linear_with_pissa(copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS, niter=niter,
-                                     use_rslora=use_rslora)
+    ours = replace_linear_with_pissa(
+        copy.deepcopy(base),
+        rank=4,
+        alpha=8,
+        target_modules=TARGETS,
+        niter=niter,
+        use_rslora=use_rslora,
+    )
     for name, layer in adapter_layers(ours):
         peft_layer = twin.base_model.model.get_submodule(name)
         assert layer.scaling == peft_layer.scaling["default"]
         # products, not A and B: singular vectors' signs are arbitrary
-        peft_delta = peft_layer.scaling["default"] * peft_layer.lora_B["default"].weight @ \
-            peft_layer.lora_A["default"].weight
+        peft_delta = (
+            peft_layer.scaling["default"]
+            * peft_layer.lora_B["default"].weight
+            @ peft_layer.lora_A["default"].weight
+        )
         torch.testing.assert_close(layer.delta_weight(), peft_delta, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer.linear.weight, peft_layer.base_layer.weight, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            layer.linear.weight, peft_layer.base_layer.weight, rtol=1e-5, atol=1e-5
+        )
     x = torch.randn(5, 12)
     torch.testing.assert_close(ours(x), base(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(twin(x), base(x), rtol=1e-5, atol=1e-5)
@@ -118,9 +146,16 @@ def test_matches_peft_pissa(init, niter, use_rslora):
 
 # ----------------------------------------------------------------------------- properties
 
+
 @settings(max_examples=15, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 12), st.data(), st.sampled_from([None, 2]), st.booleans(),
-       st.integers(0, 2**16))
+@given(
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.data(),
+    st.sampled_from([None, 2]),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
 def test_zero_change_at_init(in_f, out_f, data, niter, rslora, seed):
     rank = data.draw(st.integers(1, min(in_f, out_f)))
     torch.manual_seed(seed)
@@ -129,22 +164,29 @@ def test_zero_change_at_init(in_f, out_f, data, niter, rslora, seed):
     layer = LinearWithPiSSA(linear, rank, alpha=3, niter=niter, use_rslora=rslora)
     x = torch.randn(4, in_f)
     torch.testing.assert_close(layer(x), original(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.linear.weight + layer.delta_weight(), original.weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer.linear.weight + layer.delta_weight(), original.weight, rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(layer.A0, layer.lora.A, rtol=0, atol=0)
 
 
 def test_base_alone_is_the_residual_not_the_original():
     base = toy()
-    model = replace_linear_with_pissa(copy.deepcopy(base), rank=4, alpha=4, target_modules=["query"])
+    model = replace_linear_with_pissa(
+        copy.deepcopy(base), rank=4, alpha=4, target_modules=["query"]
+    )
     x = torch.randn(3, 12)
     assert not torch.allclose(model.attn.query.linear(x), base.attn.query(x), atol=1e-2)
 
 
 def test_only_adapters_get_gradients_and_buffers_are_not_parameters():
     model = replace_linear_with_pissa(toy(), rank=3, alpha=6, target_modules=TARGETS)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-        {f"attn.{t}.lora.{m}" for t in TARGETS for m in "AB"}
-    assert {n for n, _ in model.named_buffers()} == {f"attn.{t}.{b}" for t in TARGETS for b in ("A0", "B0")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"attn.{t}.lora.{m}" for t in TARGETS for m in "AB"
+    }
+    assert {n for n, _ in model.named_buffers()} == {
+        f"attn.{t}.{b}" for t in TARGETS for b in ("A0", "B0")
+    }
     model(torch.randn(4, 12)).sum().backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
     assert count_parameters(model)[0] == 2 * 3 * (12 + 10)
@@ -152,7 +194,9 @@ def test_only_adapters_get_gradients_and_buffers_are_not_parameters():
 
 def test_merge_unmerge_round_trip():
     base = toy()
-    model = train_a_little(replace_linear_with_pissa(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS))
+    model = train_a_little(
+        replace_linear_with_pissa(copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS)
+    )
     x = torch.randn(4, 12)
     adapted = model(x)
     residual = model.attn.query.linear.weight.detach().clone()
@@ -186,6 +230,7 @@ def test_low_precision_base():
 
 # ----------------------------------------------------------------------------- conversion to LoRA
 
+
 def test_pissa_to_lora_weights_layout():
     A, B, A0, B0 = torch.randn(6, 2), torch.randn(2, 5), torch.randn(6, 2), torch.randn(2, 5)
     A2, B2 = pissa_to_lora_weights(A, B, A0, B0)
@@ -196,8 +241,11 @@ def test_pissa_to_lora_weights_layout():
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_pissa_to_lora_reproduces_the_trained_model_on_original_weights(tmp_path, use_rslora):
     base = toy()
-    trained = train_a_little(replace_linear_with_pissa(copy.deepcopy(base), rank=3, alpha=6,
-                                                       target_modules=TARGETS, use_rslora=use_rslora))
+    trained = train_a_little(
+        replace_linear_with_pissa(
+            copy.deepcopy(base), rank=3, alpha=6, target_modules=TARGETS, use_rslora=use_rslora
+        )
+    )
     assert not torch.allclose(trained.attn.query.lora.A, trained.attn.query.A0)  # training moved A
     x = torch.randn(5, 12)
     expected = trained(x)
@@ -205,7 +253,9 @@ def test_pissa_to_lora_reproduces_the_trained_model_on_original_weights(tmp_path
     for name, layer in adapter_layers(converted):
         assert type(layer) is LinearWithLoRA and layer.lora.rank == 6
         assert layer.scaling == pytest.approx(trained.get_submodule(name).scaling, rel=1e-12)
-        torch.testing.assert_close(layer.linear.weight, base.get_submodule(name).weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            layer.linear.weight, base.get_submodule(name).weight, rtol=1e-5, atol=1e-6
+        )
     torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-5)
     # the converted adapter file works on the untouched pretrained model
     path = tmp_path / "as_lora.safetensors"
@@ -222,29 +272,43 @@ def test_pissa_to_lora_errors():
         pissa_to_lora(model)
 
 
-# ----------------------------------------------------------------------------- adapter files and errors
+# ----------------------------------------------------------------------------- adapter files and
+# errors
+
 
 def test_save_load_pissa_adapter(tmp_path):
     base = toy(gapped=True)
     torch.manual_seed(0)
-    trained = train_a_little(replace_linear_with_pissa(copy.deepcopy(base), rank=4, alpha=8,
-                                                       target_modules=TARGETS, niter=2))
+    trained = train_a_little(
+        replace_linear_with_pissa(
+            copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS, niter=2
+        )
+    )
     path = tmp_path / "pissa.safetensors"
     save_adapter(trained, path)
     x = torch.randn(5, 12)
     # onto the original model: the wrappers are rebuilt and the residual follows the file's A0, B0
-    torch.testing.assert_close(load_adapter(copy.deepcopy(base), path)(x), trained(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        load_adapter(copy.deepcopy(base), path)(x), trained(x), rtol=1e-5, atol=1e-5
+    )
     # onto a model PiSSA-initialised with another random start
     torch.manual_seed(123)
-    other = replace_linear_with_pissa(copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS, niter=1)
+    other = replace_linear_with_pissa(
+        copy.deepcopy(base), rank=4, alpha=8, target_modules=TARGETS, niter=1
+    )
     torch.testing.assert_close(load_adapter(other, path)(x), trained(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(rank=11), ValueError, "at most min"), (dict(alpha=0), ValueError, "alpha"),
-    (dict(niter=-2), ValueError, "niter"), (dict(dropout=1.0), ValueError, "dropout"),
-    (dict(target_modules=["key"]), ValueError, "target_modules"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(rank=11), ValueError, "at most min"),
+        (dict(alpha=0), ValueError, "alpha"),
+        (dict(niter=-2), ValueError, "niter"),
+        (dict(dropout=1.0), ValueError, "dropout"),
+        (dict(target_modules=["key"]), ValueError, "target_modules"),
+    ],
+)
 def test_replace_with_pissa_rejects_bad_arguments_before_changing_anything(kwargs, exc, match):
     model = toy()
     weight = model.attn.query.weight.detach().clone()
@@ -262,9 +326,12 @@ def test_pissa_needs_a_real_weight():
 
 
 def test_converted_adapter_with_2r_above_min_features_saves_and_loads(tmp_path):
-    """Issue 13: rank 2r = 12 > min(12, 10) must round-trip through an adapter file on the original model."""
+    """Issue 13: rank 2r = 12 > min(12, 10) must round-trip through an adapter file on the original
+    model."""
     base = toy()
-    trained = train_a_little(replace_linear_with_pissa(copy.deepcopy(base), rank=6, alpha=6, target_modules=TARGETS))
+    trained = train_a_little(
+        replace_linear_with_pissa(copy.deepcopy(base), rank=6, alpha=6, target_modules=TARGETS)
+    )
     x = torch.randn(5, 12)
     expected = trained(x)
     pissa_to_lora(trained)

@@ -7,15 +7,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.model import GPTConfig, GPTModel
-from minigpt.quant import (QuantizedLinear, dequantize_int8_blockwise, dequantize_nf4, double_dequantize,
-                           double_quantize, model_storage_bytes, nf4_levels, quantization_error,
-                           quantize_int8_blockwise, quantize_nf4, replace_linear_with_quantized)
+from minigpt.quant import (
+    QuantizedLinear,
+    dequantize_int8_blockwise,
+    dequantize_nf4,
+    double_dequantize,
+    double_quantize,
+    model_storage_bytes,
+    nf4_levels,
+    quantization_error,
+    quantize_int8_blockwise,
+    quantize_nf4,
+    replace_linear_with_quantized,
+)
 
 # QLoRA (arXiv:2305.14314) Appendix E / bitsandbytes: the published NF4 data type
-PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                 0.7229568362236023, 1.0]
+PUBLISHED_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 SHAPES_AND_BLOCKS = [((32, 48), 64), ((7, 13), 64), ((5, 11), 7), ((100,), 16), ((3, 4, 5), 1)]
 
 
@@ -23,7 +47,7 @@ def block_absmax_per_element(w, block_size):
     """absmax of the block each element of w belongs to, shaped like w."""
     flat = w.reshape(-1)
     padded = F.pad(flat, (0, (-flat.numel()) % block_size)).view(-1, block_size)
-    return padded.abs().amax(1).repeat_interleave(block_size)[:flat.numel()].view(w.shape)
+    return padded.abs().amax(1).repeat_interleave(block_size)[: flat.numel()].view(w.shape)
 
 
 def roundtrip(w, method, block_size):
@@ -36,6 +60,7 @@ def roundtrip(w, method, block_size):
 
 # ----------------------------------------------------------------------------- NF4 levels
 
+
 def test_nf4_levels_match_the_published_table():
     levels = nf4_levels()
     assert levels.shape == (16,) and levels.dtype == torch.float32
@@ -47,6 +72,7 @@ def test_nf4_levels_match_the_published_table():
 
 
 # ----------------------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("shape,block_size", SHAPES_AND_BLOCKS)
 def test_int8_roundtrip_within_half_a_step(shape, block_size):
@@ -83,7 +109,9 @@ def test_nf4_packs_two_codes_per_byte_high_nibble_first():
     codes, absmax = quantize_nf4(nf4_levels(), block_size=16)  # level i -> code i
     assert codes.tolist() == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]
     torch.testing.assert_close(absmax, torch.ones(1))
-    torch.testing.assert_close(dequantize_nf4(codes, absmax, (16,), 16), nf4_levels(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        dequantize_nf4(codes, absmax, (16,), 16), nf4_levels(), atol=0, rtol=0
+    )
     # odd number of codes: the last byte holds one code and a zero pad nibble
     codes, _ = quantize_nf4(nf4_levels()[:3], block_size=3)
     assert codes.tolist() == [0x01, 0x20]
@@ -130,7 +158,8 @@ def test_nf4_beats_uniform_4bit_on_gaussian_weights():
     nf4_mse = (w - roundtrip(w, "nf4", 64)[2]).pow(2).mean()
     blocks = w.view(-1, 64)
     absmax = blocks.abs().amax(1, keepdim=True)
-    uniform = (torch.round(blocks / absmax * 7) / 7 * absmax).view_as(w)  # symmetric int4, 15 levels
+    # symmetric int4, 15 levels
+    uniform = (torch.round(blocks / absmax * 7) / 7 * absmax).view_as(w)
     assert nf4_mse < 0.8 * (w - uniform).pow(2).mean()
 
 
@@ -146,26 +175,35 @@ def test_double_quantization_of_the_block_constants():
 
 # ----------------------------------------------------------------------------- QuantizedLinear
 
+
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_quantized_linear_forward_is_f_linear_with_the_dequantised_weight(method, bias):
     torch.manual_seed(0)
     linear = nn.Linear(24, 10, bias=bias)
     layer = QuantizedLinear.from_linear(linear, method, block_size=16)
-    assert (layer.in_features, layer.out_features, layer.method, layer.block_size) == (24, 10, method, 16)
+    assert (layer.in_features, layer.out_features, layer.method, layer.block_size) == (
+        24,
+        10,
+        method,
+        16,
+    )
     assert list(layer.parameters()) == []
     weight = layer.dequantize()
     assert weight.shape == (10, 24) and weight.dtype == torch.float32
     torch.testing.assert_close(layer.weight, weight)
     assert not isinstance(layer.weight, nn.Parameter)
-    codes, scales = (quantize_nf4 if method == "nf4" else quantize_int8_blockwise)(linear.weight, 16)
+    codes, scales = (quantize_nf4 if method == "nf4" else quantize_int8_blockwise)(
+        linear.weight, 16
+    )
     assert torch.equal(layer.codes, codes) and torch.equal(layer.scales, scales)
     x = torch.randn(3, 5, 24)
     torch.testing.assert_close(layer(x), F.linear(x, weight, linear.bias))
     out64 = layer(x.double())
     assert out64.dtype == torch.float64
-    torch.testing.assert_close(out64, F.linear(x.double(), weight.double(), None if not bias else
-                                              linear.bias.double()))
+    torch.testing.assert_close(
+        out64, F.linear(x.double(), weight.double(), None if not bias else linear.bias.double())
+    )
     # close to the float layer it came from
     relative_error = ((layer(x) - linear(x)).norm() / linear(x).norm()).item()
     assert relative_error < (0.15 if method == "nf4" else 0.01)
@@ -176,7 +214,9 @@ def test_quantized_linear_forward_is_f_linear_with_the_dequantised_weight(method
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_quantized_linear_survives_a_module_dtype_cast(double_quant):
     torch.manual_seed(0)
-    layer = QuantizedLinear.from_linear(nn.Linear(32, 8), "nf4", block_size=16, double_quant=double_quant)
+    layer = QuantizedLinear.from_linear(
+        nn.Linear(32, 8), "nf4", block_size=16, double_quant=double_quant
+    )
     x = torch.randn(2, 32)
     expected = layer(x)
     layer.to(torch.bfloat16)  # casts the float buffers (constants, bias), not the integer codes
@@ -201,26 +241,41 @@ def test_storage_bytes_nf4_is_about_an_eighth_of_fp32():
     assert fp32 == (256 * 128 + 128) * 4
     n_blocks = 256 * 128 // 64
     nf4 = QuantizedLinear.from_linear(linear, "nf4")
-    assert nf4.storage_bytes() == 256 * 128 // 2 + 4 * n_blocks + 4 * 128 == model_storage_bytes(nf4)
+    assert (
+        nf4.storage_bytes() == 256 * 128 // 2 + 4 * n_blocks + 4 * 128 == model_storage_bytes(nf4)
+    )
     int8 = QuantizedLinear.from_linear(linear, "int8")
     assert int8.storage_bytes() == 256 * 128 + 4 * n_blocks + 4 * 128
     dq = QuantizedLinear.from_linear(linear, "nf4", double_quant=True)
-    assert dq.storage_bytes() == 256 * 128 // 2 + n_blocks + 4 * 2 + 4 + 4 * 128  # 512 int8 codes: 2 blocks
-    assert dq.storage_bytes() < nf4.storage_bytes() < fp32 / 6.5 and int8.storage_bytes() < fp32 / 3.5
+    # 512 int8 codes: 2 blocks
+    assert dq.storage_bytes() == 256 * 128 // 2 + n_blocks + 4 * 2 + 4 + 4 * 128
+    assert (
+        dq.storage_bytes() < nf4.storage_bytes() < fp32 / 6.5 and int8.storage_bytes() < fp32 / 3.5
+    )
     torch.testing.assert_close(dq.dequantize(), nf4.dequantize(), atol=0.01, rtol=0)
 
 
 def test_replace_linear_with_quantized_keeps_the_tied_head():
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig(vocab_size=64, context_length=8, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPTModel(
+        GPTConfig(vocab_size=64, context_length=8, n_layer=2, n_head=2, n_embd=32)
+    ).eval()
     idx = torch.randint(0, 64, (2, 8))
     before_logits, before_bytes = model(idx), model_storage_bytes(model)
-    assert replace_linear_with_quantized(model, "nf4", exclude=("lm_head", "blocks.1.mlp.fc")) is model
+    assert (
+        replace_linear_with_quantized(model, "nf4", exclude=("lm_head", "blocks.1.mlp.fc")) is model
+    )
     kinds = {name: type(m) for name, m in model.named_modules()}
     assert kinds["lm_head"] is nn.Linear and kinds["blocks.1.mlp.fc"] is nn.Linear
-    assert kinds["blocks.0.mlp.fc"] is QuantizedLinear and kinds["blocks.1.attn.query"] is QuantizedLinear
-    assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n not in ("lm_head",
-                                                                                           "blocks.1.mlp.fc"))
+    assert (
+        kinds["blocks.0.mlp.fc"] is QuantizedLinear
+        and kinds["blocks.1.attn.query"] is QuantizedLinear
+    )
+    assert not any(
+        isinstance(m, nn.Linear)
+        for n, m in model.named_modules()
+        if n not in ("lm_head", "blocks.1.mlp.fc")
+    )
     assert model.lm_head.weight is model.tok_emb.weight
     assert model_storage_bytes(model) < before_bytes
     torch.testing.assert_close(model(idx), before_logits, atol=0.5, rtol=0)
@@ -239,7 +294,9 @@ def test_quantization_error_norms():
     assert quantization_error(torch.zeros(4, 4), "nf4") == {"frobenius": 0.0, "nuclear": 0.0}
 
 
-# ----------------------------------------------------------------------------- LoRA on top (QLoRA eq. 5)
+# ----------------------------------------------------------------------------- LoRA on top (QLoRA
+# eq. 5)
+
 
 class TinyAdapter(nn.Module):
     """Stand-in for LinearWithLoRA: linear(x) + scaling * x A B."""
@@ -267,7 +324,7 @@ def check_only_adapter_trains(model, adapter_params):
         optimizer.zero_grad()
         F.mse_loss(model(x), target).backward()
         optimizer.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, adapter_params))
+    assert all(not torch.equal(b, p) for b, p in zip(before, adapter_params, strict=False))
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, buffers[name]) and buffer.grad is None, name
 
@@ -279,7 +336,9 @@ def test_only_the_adapter_trains_on_a_quantized_base(method):
     check_only_adapter_trains(model, [model.A, model.B])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("minigpt.lora") is None, reason="minigpt/lora.py not written yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("minigpt.lora") is None, reason="minigpt/lora.py not written yet"
+)
 def test_linear_with_lora_wraps_a_quantized_linear():
     from minigpt.lora import LinearWithLoRA
 
@@ -292,6 +351,7 @@ def test_linear_with_lora_wraps_a_quantized_linear():
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_bad_input_names_the_argument():
     w = torch.randn(4, 8)
@@ -338,9 +398,13 @@ def test_bad_codes_on_dequantize():
         dequantize_nf4(codes, scales.double(), (4, 8), 16)
     with pytest.raises(ValueError, match=r"expected 16 codes and 2 scales, got 15 and 2"):
         dequantize_nf4(codes[:-1], scales, (4, 8), 16)
-    with pytest.raises(ValueError, match=r"codes/scales do not match shape=\(8, 8\) and block_size=16"):
+    with pytest.raises(
+        ValueError, match=r"codes/scales do not match shape=\(8, 8\) and block_size=16"
+    ):
         dequantize_nf4(codes, scales, (8, 8), 16)
-    with pytest.raises(ValueError, match=r"codes/scales do not match shape=\(4, 8\) and block_size=8"):
+    with pytest.raises(
+        ValueError, match=r"codes/scales do not match shape=\(4, 8\) and block_size=8"
+    ):
         dequantize_int8_blockwise(int8_codes, int8_scales, (4, 8), 8)
     with pytest.raises(ValueError, match="shape must be a non-empty tuple of positive integers"):
         dequantize_nf4(codes, scales, (4, -8), 16)

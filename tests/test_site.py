@@ -1,4 +1,5 @@
-"""`python -m minigpt site`: every chapter and the README become linked, self-contained HTML pages."""
+"""`python -m minigpt site`: every chapter and the README become linked, self-contained HTML
+pages."""
 
 import re
 import subprocess
@@ -6,10 +7,13 @@ import sys
 
 import pytest
 from bs4 import BeautifulSoup
-
-from minigpt.notebooks import chapter_paths, colab_url
-from minigpt.site import build_site, prepare_notebook
 from site_build import built_site
+
+from minigpt.course.chapters import chapter_paths
+from minigpt.course.colab import colab_url
+from minigpt.course.site import build_site, prepare_notebook
+
+pytestmark = pytest.mark.slow  # a site build (about 20 s)
 
 CHAPTERS = chapter_paths()
 
@@ -33,13 +37,15 @@ def test_landing_page_is_the_readme_and_lists_every_chapter(site):
 
 def test_chapters_are_chained_by_previous_and_next_links(site):
     pages = ["index"] + [f"chapters/{p.stem}" for p in CHAPTERS]
-    for before, current, after in zip([None] + pages, pages, pages[1:] + [None]):
+    for before, current, after in zip([None] + pages, pages, pages[1:] + [None], strict=False):
         html = page(site, f"{current}.html")
         nxt, prev = html.find("a", class_="next-page"), html.find("a", class_="prev-page")
         if after:
             assert nxt is not None and nxt["href"].endswith(f"{after.split('/')[-1]}.html"), current
         if before:
-            assert prev is not None and prev["href"].endswith(f"{before.split('/')[-1]}.html"), current
+            assert prev is not None and prev["href"].endswith(f"{before.split('/')[-1]}.html"), (
+                current
+            )
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
@@ -54,7 +60,21 @@ def test_chapter_page_has_code_outputs_figures_and_math(site, path):
     assert article.select(".math"), "no equations"
     links = [a["href"] for a in article.find_all("a", href=True)]
     assert colab_url(path.name) in links
-    assert "google.colab" not in article.get_text(), "the Colab setup cell belongs to the notebook only"
+    assert "google.colab" not in article.get_text(), (
+        "the Colab setup cell belongs to the notebook only"
+    )
+
+
+def test_chapter_pages_have_copy_buttons_and_a_download_link(site):
+    assert (site / "_static" / "copybutton.js").is_file()
+    for path in CHAPTERS:
+        html = page(site, f"chapters/{path.stem}.html")
+        scripts = [s.get("src", "") for s in html.find_all("script")]
+        assert any("copybutton" in src for src in scripts), f"{path.stem}: no copy buttons"
+        downloads = [a for a in html.find_all("a", href=True) if "Download" in a.get_text()]
+        assert downloads and downloads[0]["href"].endswith(path.name), f"{path.stem}: no download"
+        target = (site / "chapters" / downloads[0]["href"]).resolve()
+        assert target.read_bytes() == path.read_bytes(), "the download is not the chapter"
 
 
 def test_pages_load_nothing_from_the_internet_and_bundle_mathjax(site):
@@ -64,9 +84,15 @@ def test_pages_load_nothing_from_the_internet_and_bundle_mathjax(site):
         for tag, attr in (("script", "src"), ("img", "src"), ("link", "href"), ("iframe", "src")):
             for element in html.find_all(tag):
                 url = element.get(attr, "")
-                if tag == "link" and "stylesheet" not in element.get("rel", []) and "preload" not in element.get("rel", []):
+                if (
+                    tag == "link"
+                    and "stylesheet" not in element.get("rel", [])
+                    and "preload" not in element.get("rel", [])
+                ):
                     continue
-                assert not re.match(r"(https?:)?//", url), f"{html_file.name} loads {url} from the network"
+                assert not re.match(r"(https?:)?//", url), (
+                    f"{html_file.name} loads {url} from the network"
+                )
 
 
 def test_site_leaves_the_notebooks_unchanged(tmp_path):
@@ -78,7 +104,9 @@ def test_site_leaves_the_notebooks_unchanged(tmp_path):
 
 
 def test_cli_builds_and_reports_errors(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "minigpt", "site", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "minigpt", "site", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "OUT" in result.stdout
     with pytest.raises(FileNotFoundError, match="no chapter notebooks"):
         build_site(tmp_path / "out", chapters_dir=tmp_path)

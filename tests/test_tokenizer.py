@@ -2,7 +2,6 @@ import socket
 
 import numpy as np
 import pytest
-import tiktoken
 
 from minigpt import tokenizer as tok
 
@@ -32,6 +31,7 @@ def test_round_trip_unicode_and_unknown_words():
 
 def test_built_offline_without_cache(monkeypatch, tmp_path):
     """No socket is opened and tiktoken's cache folder stays empty while the tokenizer is built."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the tokenizer tried to use the network")
 
@@ -53,8 +53,9 @@ def test_ranks_equal_tiktokens_own_conversion(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # no cache copy
     vocab, encoder = tok.gpt2_files()
-    theirs = data_gym_to_mergeable_bpe_ranks(str(vocab), str(encoder), tok.VOCAB_BPE_SHA256,
-                                             tok.ENCODER_JSON_SHA256)
+    theirs = data_gym_to_mergeable_bpe_ranks(
+        str(vocab), str(encoder), tok.VOCAB_BPE_SHA256, tok.ENCODER_JSON_SHA256
+    )
     assert tok.get_tokenizer()._mergeable_ranks == theirs
 
 
@@ -68,7 +69,9 @@ def test_corrupted_file_is_refused(tmp_path):
 def test_compact_vocab_round_trip_and_fallback():
     vocab = tok.get_compact_vocab()
     enc = tok.get_tokenizer()
-    text = "To be, or not to be: that is the question.\nAntidisestablishmentarianism 🙂 <|endoftext|>"
+    text = (
+        "To be, or not to be: that is the question.\nAntidisestablishmentarianism 🙂 <|endoftext|>"
+    )
     ids = vocab.encode(text)
     assert vocab.decode(ids) == text
     assert max(ids) < len(vocab) and min(ids) >= 0

@@ -1,4 +1,5 @@
-"""Trainable token rows (minigpt.tokens) against peft's TrainableTokens on the same GPT-2 weights."""
+"""Trainable token rows (minigpt.tokens) against peft's TrainableTokens on the same GPT-2
+weights."""
 
 import copy
 
@@ -14,7 +15,9 @@ IDS = [3, 17, 250, 299]
 
 def small_model(tie_weights: bool = True) -> GPTModel:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=300, context_length=16, n_layer=2, n_head=2, n_embd=16, tie_weights=tie_weights)
+    cfg = GPTConfig(
+        vocab_size=300, context_length=16, n_layer=2, n_head=2, n_embd=16, tie_weights=tie_weights
+    )
     return GPTModel(cfg).eval()
 
 
@@ -53,7 +56,9 @@ def test_logits_equal_peft_trainable_tokens_on_the_same_weights(tmp_path):
 
 def test_initialisation_leaves_the_model_unchanged_and_only_delta_trains():
     base = small_model()
-    model = add_trainable_tokens(replace_linear_with_lora(copy.deepcopy(base), rank=2, alpha=4), IDS)
+    model = add_trainable_tokens(
+        replace_linear_with_lora(copy.deepcopy(base), rank=2, alpha=4), IDS
+    )
     assert isinstance(model.tok_emb, TrainableTokens) and isinstance(model.lm_head, TiedTokensHead)
     idx = batch()
     with torch.no_grad():
@@ -76,7 +81,8 @@ def test_gradients_reach_only_the_selected_rows_through_embedding_and_tied_head(
     assert model.tok_emb.delta.grad is not None and (model.tok_emb.delta.grad != 0).all(dim=1).all()
     # the merged weight's gradient on a selected row is exactly delta's gradient
     torch.testing.assert_close(model.tok_emb.delta.grad, w_grad[IDS])
-    # tied: the head's gradient goes through the same rows (a token absent from the input still gets one)
+    # tied: the head's gradient goes through the same rows (a token absent from the input still gets
+    # one)
     only_in_head = add_trainable_tokens(small_model(), [5])
     idx = batch()
     idx[idx == 5] = 6
@@ -110,18 +116,22 @@ def test_merged_embedding_and_token_state_dict_round_trip():
         torch.testing.assert_close(other(idx), model(idx))
     with pytest.raises(ValueError, match="trains ids"):
         add_trainable_tokens(copy.deepcopy(base), [1, 2, 3, 4]).tok_emb.load_token_state_dict(
-            model.tok_emb.token_state_dict())
+            model.tok_emb.token_state_dict()
+        )
 
 
-@pytest.mark.parametrize("bad, error, message", [
-    ([], ValueError, "token_indices is empty"),
-    ([1, 300], ValueError, r"token_indices \[300\] are out of range"),
-    ([-1], ValueError, "out of range"),
-    ([4, 4], ValueError, "token_indices must be unique"),
-    ([1.5], TypeError, "token_indices must hold integer"),
-    ([True], TypeError, "token_indices must hold integer"),
-    ("abc", TypeError, "token_indices must be a list"),
-])
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        ([], ValueError, "token_indices is empty"),
+        ([1, 300], ValueError, r"token_indices \[300\] are out of range"),
+        ([-1], ValueError, "out of range"),
+        ([4, 4], ValueError, "token_indices must be unique"),
+        ([1.5], TypeError, "token_indices must hold integer"),
+        ([True], TypeError, "token_indices must hold integer"),
+        ("abc", TypeError, "token_indices must be a list"),
+    ],
+)
 def test_bad_token_indices_are_refused_by_name(bad, error, message):
     model = small_model()
     with pytest.raises(error, match=message):

@@ -1,4 +1,5 @@
-"""A two-projection toy module that peft and our wrappers can both adapt (targets ``query`` and ``value``)."""
+"""A two-projection toy module that peft and our wrappers can both adapt (targets ``query`` and
+``value``)."""
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,8 @@ class MLP(nn.Module):
 
 
 class ToyLM(nn.Module):
-    """Submodules named like the course GPT's: attn.query, attn.value, attn.norm, mlp.fc, lm_head."""
+    """Submodules named like the course GPT's: attn.query, attn.value, attn.norm, mlp.fc,
+    lm_head."""
 
     def __init__(self, d=8, vocab=11):
         super().__init__()
@@ -49,7 +51,8 @@ class ToyLM(nn.Module):
 
 
 def randomise(model, seed=1, scale=0.5):
-    """Training-like adapters: non-zero B (and a DoRA magnitude moved away from ||W0||), so they do something."""
+    """Training-like adapters: non-zero B (and a DoRA magnitude moved away from ||W0||), so they do
+    something."""
     from minigpt.lora import adapter_layers
 
     g = torch.Generator().manual_seed(seed)
@@ -62,8 +65,9 @@ def randomise(model, seed=1, scale=0.5):
 
 
 def peft_twin(base, ours, **config):
-    """The project's central test pattern: a PEFT model on a copy of ``base`` holding the same adapter numbers
-    as ``ours`` (``lora_A.weight = Aᵀ``, ``lora_B.weight = Bᵀ``, DoRA's magnitude), so both must agree."""
+    """The project's central test pattern: a PEFT model on a copy of ``base`` holding the same
+    adapter numbers as ``ours`` (``lora_A.weight = Aᵀ``, ``lora_B.weight = Bᵀ``, DoRA's magnitude),
+    so both must agree."""
     import copy
 
     from peft import LoraConfig, get_peft_model

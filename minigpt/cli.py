@@ -1,0 +1,40 @@
+"""What every ``python -m minigpt`` sub-command's parser shares: no abbreviated options, each
+option's default in its help, an example in the epilog and help text without reStructuredText."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def plain(text: str | None) -> str:
+    """A docstring as plain text for ``--help``: ``literal`` and :func:`role` markup removed."""
+    text = re.sub(r":[\w:]+:`~?([^`]+)`", r"\1", text or "")
+    return re.sub(r"``([^`]+)``", r"\1", text).strip()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's and the example's line breaks, and adds ``(default: X)`` to each
+    option whose help does not already state its default (flags and unset options excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def make_parser(prog: str, description: str | None, example: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` for a sub-command: ``allow_abbrev=False`` (``--seed`` is not
+    ``--seeds``), plain-text description, defaults in the help and ``example`` in the epilog."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=plain(description),
+        epilog=f"example:\n  {example}",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )

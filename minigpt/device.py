@@ -1,0 +1,142 @@
+"""Where the course computes and in which precision: the device contract's code.
+
+Every function that places a model or a tensor resolves its device with :func:`choose_device` (None:
+the GPU when there is one, else the CPU) and its precision with :func:`resolve_precision` (bf16
+only where the hardware has it). ``docs/architecture.md`` ("Device contract") states the rules;
+:mod:`minigpt.train` re-exports these names, which is where the chapters import them from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+from minigpt.io import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_device_name(requested: str | None) -> str | None:
+    """``requested`` if it names a device the course supports (None = choose), else a clear
+    error."""
+    if requested is not None and (
+        not isinstance(requested, str)
+        or not (requested in {"cpu", "cuda", "mps"} or re.fullmatch(r"cuda:\d+", requested))
+    ):
+        raise UserError(
+            f"device must be one of 'cpu', 'cuda', 'cuda:N', 'mps' (or None), got {requested!r}"
+        )
+    return requested
+
+
+def choose_device(requested: str | None = None) -> torch.device:
+    """``cuda`` when available, else ``cpu``; ``mps`` only when asked for explicitly (with a
+    warning)."""
+    if check_device_name(requested) is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"device {requested!r} was requested but torch.cuda.is_available() is False"
+        )
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        # torch itself only fails at the first kernel, with a multi-line CUDA error
+        count = torch.cuda.device_count()
+        raise UserError(
+            f"device {requested!r} was requested but this machine has {count} CUDA "
+            f"device{'s' if count != 1 else ''} (cuda:0 .. cuda:{count - 1})"
+        )
+    if requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(
+                "device 'mps' was requested but torch.backends.mps.is_available() is False"
+            )
+        warnings.warn(
+            "MPS has produced silently wrong losses in reported PyTorch versions; compare a few "
+            "steps with device='cpu' before trusting it",
+            stacklevel=2,
+        )
+    return torch.device(requested)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX: AMD Zen 4+, Intel Sapphire
+    Rapids+).
+
+    Elsewhere torch emulates bf16 and autocast makes CPU training slower, not faster.
+    """
+    probes = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+    )
+    # private torch probes: absent -> False
+    return any(probe is not None and probe() for probe in probes)
+
+
+def cuda_has_native_bf16(device: torch.device | str | None = None) -> bool:
+    """True on CUDA devices of compute capability 8.0 or newer (Ampere: A100, RTX 30xx, and later).
+
+    Older cards (T4 and RTX 20xx at 7.5, V100 at 7.0) have no bf16 tensor cores: torch emulates
+    bf16 there, slower than float32, and some kernels refuse it.
+    """
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 in hardware: :func:`cuda_has_native_bf16` on CUDA,
+    :func:`cpu_has_native_bf16` on a CPU, False elsewhere (MPS)."""
+    if device.type == "cuda":
+        return cuda_has_native_bf16(device)
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"`` for a run on ``device``.
+
+    ``"auto"`` follows ``$MINIGPT_PRECISION`` when set, else picks bf16 where the device has it in
+    hardware (:func:`has_native_bf16`: CUDA compute capability >= 8.0, CPUs with AVX512-BF16 or AMX)
+    and fp32 everywhere else (T4/V100-class GPUs, MPS, older CPUs). An explicit "bf16" is honoured
+    on any device.
+
+    Older GPUs get fp32, not fp16 autocast: fp16's narrow exponent range needs a gradient scaler,
+    which skips the steps whose scaled gradients overflow; that would hide real divergence from
+    :class:`TrainingDiverged` and make a run's steps depend on the scaler's state. The course's
+    models are small enough that fp32 on such a card is still fast.
+
+    On the 2-core development machine (AVX512-BF16) the output head's matmul ran 4.4x faster in bf16
+    and a pretraining step 1.8x faster together with :func:`minigpt.keep_freed_memory`
+    (scripts/load_test.py --speed). Weights and optimizer state stay float32; for evaluation see
+    :func:`evaluate`.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = os.environ.get("MINIGPT_PRECISION", "auto")
+        if precision not in PRECISIONS:
+            raise UserError(
+                f"MINIGPT_PRECISION must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
+    if precision != "auto":
+        return precision
+    return "bf16" if has_native_bf16(device) else "fp32"
+
+
+def eval_precision(precision: str, device: torch.device) -> str:
+    """The precision :func:`train` evaluates a run in: the run's own on an accelerator, float32 on
+    a CPU.
+
+    CPU evaluation is a small share of a run, and float32 there keeps validation losses
+    comparable between CPUs with and without native bf16.
+    """
+    return precision if device.type != "cpu" else "fp32"
+
+
+def autocast(device: torch.device, precision: str | None = None):
+    """bf16 autocast when ``precision`` is "bf16", else float32 (a no-op context)."""
+    # bf16 keeps float32's exponent range, so no loss scaling is needed (unlike fp16).
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
