@@ -9,6 +9,9 @@ import os
 import sys
 import time
 
+# the errors every entry point raises for a user's mistake (one line; exit 2 on the command line)
+from minigpt._validate import UserError, UserTypeError  # noqa: E402, F401
+
 __version__ = "0.1.0"
 
 SMOKE_ENV = "MINIGPT_SMOKE"

@@ -56,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Pretrain the tiny GPT on Shakespeare and report losses per token and per character."""
     from dataclasses import replace
 
-    from minigpt.io import check_int, check_writable_file
+    from minigpt._validate import check_int
+    from minigpt.io import check_writable_file, names_a_folder
     from minigpt.lab.pretrained import (
         SMOKE,
         TINY,
@@ -73,8 +74,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = replace(recipe, steps=check_int("--steps", args.steps, 1))
     # the device and its precision are part of the recipe's name, as get_pretrained names its file
     recipe = replace(recipe, device=check_device_name(args.device))
-    # the default path names the recipe, so a short or smoke run never replaces the 1,000-step model
-    args.out = args.out or f"runs/{recipe.name}.safetensors"
+    # the default path names the recipe, so a short or smoke run never replaces the 1,000-step
+    # model; an --out that is a folder (or ends with a separator) gets the same name inside it
+    if args.out is None:
+        args.out = f"runs/{recipe.name}.safetensors"
+    elif names_a_folder(args.out) or Path(args.out).is_dir():
+        args.out = str(Path(args.out) / f"{recipe.name}.safetensors")
     check_writable_file(args.out, "--out")  # before training, not after it
     refuse_overwrite(args.out, recipe, force=args.force)
     model, history = pretrain(recipe, checkpoint=args.out, device=args.device)
@@ -100,8 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a checkpoint (default: the course's pretrained tiny model)."""
+    from minigpt._validate import UserError, check_int
     from minigpt.generate import check_sampling, generate_text
-    from minigpt.io import UserError, check_int
     from minigpt.lab.pretrained import get_pretrained
     from minigpt.tokenizer import compact_vocab_sha256, get_compact_vocab
     from minigpt.train import load_model
@@ -112,7 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     vocab = get_compact_vocab()
     if not vocab.encode(args.prompt):
         raise UserError("--prompt is empty: give at least one character to continue from")
-    if args.checkpoint:  # a checkpoint trained with another vocabulary would print other text
+    # a checkpoint trained with another vocabulary would print other text
+    if args.checkpoint is not None:
         model = load_model(args.checkpoint, vocab_sha256=compact_vocab_sha256())
         if model.cfg.vocab_size != len(vocab):
             raise UserError(
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # before anything imports torch (only if the cores are busy); kernels inherit it
     apply_cpu_thread_settings()
-    from minigpt.io import UserError
+    from minigpt._validate import UserError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -212,7 +218,7 @@ def _main(argv: list[str]) -> int:
         module, function, _ = DELEGATED[argv[0]]
         return getattr(importlib.import_module(f"minigpt.{module}"), function)(argv[1:])
     from minigpt import __version__
-    from minigpt.cli import HelpFormatter, make_parser, plain
+    from minigpt._cli import HelpFormatter, folder_arg, make_parser, path_arg, plain
     from minigpt.course.chapters import CHAPTERS_DIR, CHAPTERS_ENV
     from minigpt.course.colab import REPOSITORY_URL
 
@@ -228,7 +234,7 @@ def _main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run, example: str) -> argparse.ArgumentParser:  # noqa: ANN001
-        # each sub-parser is configured like the delegated commands' parsers (minigpt.cli)
+        # each sub-parser is configured like the delegated commands' parsers (minigpt._cli)
         template = make_parser(f"python -m minigpt {name}", run.__doc__, example)
         p = sub.add_parser(
             name,
@@ -246,19 +252,26 @@ def _main(argv: list[str]) -> int:
         "chapters/)"
     )
     p = command("course", cmd_course, "python -m minigpt course --smoke --chapters 01 05")
-    p.add_argument("--out", default="runs/course", help="folder for the executed notebooks")
+    p.add_argument(
+        "--out", default="runs/course", type=path_arg, help="folder for the executed notebooks"
+    )
     p.add_argument(
         "--smoke", action="store_true", help="tiny sizes and few steps (seconds per chapter)"
     )
     p.add_argument(
         "--chapters", nargs="*", help="chapter numbers to run, e.g. 01 05 (default: all)"
     )
-    p.add_argument("--chapters-dir", default=CHAPTERS_DIR, type=Path, help=chapters_help)
+    p.add_argument("--chapters-dir", default=CHAPTERS_DIR, type=folder_arg, help=chapters_help)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
 
     p = command("train", cmd_train, "python -m minigpt train --smoke --out runs/smoke.safetensors")
     p.add_argument(
-        "--out", default=None, help="checkpoint path (default: runs/<recipe name>.safetensors)"
+        "--out",
+        default=None,
+        type=path_arg,
+        help="checkpoint path; a folder (an existing one, or a path ending in a separator, "
+        "created if needed) gets <recipe name>.safetensors inside it (default: "
+        "runs/<recipe name>.safetensors)",
     )
     p.add_argument(
         "--force", action="store_true", help="replace --out even if it holds another recipe's model"
@@ -275,6 +288,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument(
         "--checkpoint",
         default=None,
+        type=path_arg,
         help="a checkpoint written by train (default: the course's pretrained model, trained "
         "and cached on first use)",
     )
@@ -297,7 +311,7 @@ def _main(argv: list[str]) -> int:
         default=REPOSITORY_URL,
         help="GitHub address the Colab badges and setup cells point at (a fork sets its own)",
     )
-    p.add_argument("--chapters-dir", default=CHAPTERS_DIR, type=Path, help=chapters_help)
+    p.add_argument("--chapters-dir", default=CHAPTERS_DIR, type=folder_arg, help=chapters_help)
 
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=f"{text} (see: python -m minigpt {name} --help)")

@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
+from minigpt._validate import UserError, UserTypeError
 from minigpt.dora import LinearWithDoRA
 from minigpt.io import (
     DIGEST_KEY,
-    atomic_save_file,
     atomic_write_bytes,
     check_writable_file,
     check_writable_folder,
     content_digest,
     read_safetensors,
+    save_safetensors,
     verify_digest,
 )
 from minigpt.lora import (
@@ -107,7 +107,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
         "layers": json.dumps(configs, **plain),
     }
     metadata[DIGEST_KEY] = json.dumps(content_digest(tensors, metadata))
-    atomic_save_file(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
+    save_safetensors(tensors, path, metadata)
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
@@ -131,16 +131,16 @@ def _verify_adapter(path: str | Path, metadata: dict, tensors: dict) -> None:
 def _read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     metadata, tensors = read_safetensors(path, "adapter file")
     if metadata.get("format") != ADAPTER_FORMAT:
-        raise ValueError(
+        raise UserError(
             f"{str(path)!r} has metadata format={metadata.get('format')!r}; expected "
             f"{ADAPTER_FORMAT!r} (written by minigpt.adapters.save_adapter)"
         )
     try:
         configs = json.loads(metadata["layers"])
         if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
-            raise TypeError("'layers' must map layer names to objects")
+            raise UserTypeError("'layers' must map layer names to objects")
     except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(
+        raise UserError(
             f"{str(path)!r} has corrupted adapter metadata ('layers' entry): {err!r}"
         ) from err
     return configs, tensors, metadata
@@ -150,7 +150,7 @@ def wrapper_arguments(config: dict[str, Any]) -> tuple[type[LinearWithLoRA], dic
     """The class and checked constructor arguments a file's layer config describes."""
     method = config.get("method")
     if method not in METHODS:
-        raise ValueError(f"adapter method must be one of {sorted(METHODS)}, got {method!r}")
+        raise UserError(f"adapter method must be one of {sorted(METHODS)}, got {method!r}")
     args = check_lora_args(
         config.get("rank"),
         config.get("alpha"),
@@ -193,34 +193,44 @@ def load_adapter(model: nn.Module, path: str | Path, freeze: bool = True) -> nn.
         module = modules.get(name)
         if module is None or not is_linear_like(module):
             linear_names = [n for n, m in modules.items() if is_linear_like(m)]
-            raise ValueError(
-                f"adapter layer {name!r} is not a linear layer of this model; its linear layers "
-                f"are {linear_names}"
+            raise UserError(
+                f"adapter file {path}: layer {name!r} is not a linear layer of this model; its "
+                f"linear layers are {linear_names}"
             )
         try:
             cls, args = wrapper_arguments(config)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{str(path)!r}, layer {name!r}: {err}") from err
+            raise UserError(f"adapter file {path}: layer {name!r}: {err}") from err
         if isinstance(module, LinearWithLoRA):
             if module.method != config["method"] or module.lora.rank != args["rank"]:
-                raise ValueError(
-                    f"layer {name!r} has a {module.method} adapter of rank {module.lora.rank}, but "
-                    f"the file holds a {config['method']} adapter of rank {args['rank']}"
+                raise UserError(
+                    f"adapter file {path}: layer {name!r} of the model has a {module.method} "
+                    f"adapter of rank {module.lora.rank}, but the file holds a {config['method']} "
+                    f"adapter of rank {args['rank']}"
                 )
             if module.merged:
-                raise ValueError(f"layer {name!r} is merged; call unmerge_lora before load_adapter")
-        for key, shape in _expected_shapes(module, cls, args).items():
+                raise UserError(
+                    f"adapter file {path}: layer {name!r} of the model is merged; call "
+                    "unmerge_lora before load_adapter"
+                )
+        try:
+            shapes = _expected_shapes(module, cls, args)
+        except (TypeError, ValueError) as err:  # a wrapper that cannot sit on this layer
+            raise UserError(f"adapter file {path}: layer {name!r}: {err}") from err
+        for key, shape in shapes.items():
             full = f"{name}.{key}"
             expected_keys.add(full)
             if full not in tensors:
-                raise ValueError(f"adapter file lacks tensor {full!r} (expected shape {shape})")
+                raise UserError(
+                    f"adapter file {path} lacks tensor {full!r} (expected shape {shape})"
+                )
             if tuple(tensors[full].shape) != shape:
-                raise ValueError(
-                    f"adapter tensor {full!r} has shape {tuple(tensors[full].shape)} in the file, "
-                    f"but the model expects {shape}"
+                raise UserError(
+                    f"adapter file {path}: tensor {full!r} has shape "
+                    f"{tuple(tensors[full].shape)}, but the model expects {shape}"
                 )
             if tensors[full].is_floating_point() and not torch.isfinite(tensors[full]).all():
-                raise ValueError(
+                raise UserError(
                     f"adapter tensor {full!r} in {str(path)!r} holds NaN or inf values; refusing "
                     "to "
                     "load it (the file is corrupted, or it was saved after training diverged)"
@@ -228,7 +238,7 @@ def load_adapter(model: nn.Module, path: str | Path, freeze: bool = True) -> nn.
         plan.append((name, module, cls, args))
     unexpected = sorted(set(tensors) - expected_keys)
     if unexpected:
-        raise ValueError(f"adapter file has tensors no layer expects: {unexpected}")
+        raise UserError(f"adapter file {path} has tensors no layer expects: {unexpected}")
     _verify_adapter(path, metadata, tensors)  # last of the checks, still before any change
 
     for name, module, cls, args in plan:
@@ -329,14 +339,14 @@ def export_peft(
     layers = layers_or_raise(model)
     merged = [name for name, layer in layers if layer.merged]
     if merged:
-        raise ValueError(
+        raise UserError(
             f"layers {merged} are merged; call unmerge_lora before export_peft (a merged weight "
             "is not the base PEFT loads the adapter on)"
         )
     ours: dict[str, LinearWithLoRA] = {}
     for name, layer in layers:
         if not pattern.fullmatch(name):
-            raise ValueError(
+            raise UserError(
                 f"cannot export the adapter on {name!r} to PEFT: GPT-2 adapters can only target "
                 "the "
                 f"blocks' {sorted(PEFT_MODULES)} layers (lm_head is not a Conv1D layer of GPT-2's "
@@ -417,10 +427,7 @@ def export_peft(
         "modules_to_save": None,
     }
     folder = check_writable_folder(folder, "PEFT export folder")
-    atomic_save_file(
-        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        folder / "adapter_model.safetensors",
-    )
+    save_safetensors(tensors, folder / "adapter_model.safetensors", {"format": "pt"})
     atomic_write_bytes(
         folder / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode("utf-8")
     )

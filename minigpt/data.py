@@ -413,7 +413,7 @@ def make_loader(
     )
 
 
-def build_course_vocab(size: int | None = None) -> CompactVocab:
+def build_course_vocab(size: int | None = None) -> "CompactVocab":
     """Rebuild ``minigpt/assets/compact_vocab.json`` from the pretraining texts (deterministic).
 
     Built from what pretraining reads and nothing else, so every id in the vocabulary is trained.

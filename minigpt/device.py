@@ -15,7 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
-from minigpt.io import UserError
+from minigpt._validate import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 

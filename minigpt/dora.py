@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt._validate import UserError, UserTypeError
 from minigpt.lora import (
     LinearWithLoRA,
     check_flag,
@@ -126,7 +127,7 @@ class LinearWithDoRA(LinearWithLoRA):
         weight = mergeable_weight(self, merged=True)
         zero = torch.nonzero(self.magnitude == 0).flatten().tolist()
         if zero:
-            raise ValueError(
+            raise UserError(
                 f"cannot unmerge DoRA: magnitude entries {zero} are zero, so the merged rows no "
                 "longer hold the direction"
             )
@@ -141,7 +142,7 @@ def check_dora_target(name: str, linear: nn.Module) -> None:
     """DoRA's magnitude and norm need the base layer's weight (a tensor; a quantised base's
     dequantised one)."""
     if not isinstance(getattr(linear, "weight", None), torch.Tensor):
-        raise TypeError(
+        raise UserTypeError(
             f"DoRA needs the base layer's weight (a .weight tensor); {name!r} is a "
             f"{type(linear).__name__} without one"
         )

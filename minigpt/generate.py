@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from minigpt.io import UserError, check_float, check_int
+from minigpt._validate import UserError, check_float, check_int
 from minigpt.model import GPTModel, check_token_ids
 
 
@@ -52,7 +52,7 @@ def generate(
     the model's device, where the result is returned; a ``generator`` must be on that device.
     """
     if idx.dim() != 2:
-        raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        raise UserError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
     max_new_tokens, temperature, top_k = check_sampling(
         max_new_tokens, temperature, top_k, model.cfg.vocab_size
     )

@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from minigpt._validate import UserError
 from minigpt.io import (
     DIGEST_KEY,
-    UserError,
     atomic_write_bytes,
     cache_dir,
     check_writable_folder,
     content_digest,
+    digest_fields,
     read_json,
     read_safetensors,
     refuse_non_finite,
     safetensors_shapes,
+    sha256_file,
     verify_digest,
 )
 from minigpt.model import GPTConfig, GPTModel
@@ -143,6 +145,22 @@ def _canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+# The tokenizer files save_gpt2 may write next to the model; the folder's digest records the
+# SHA-256 of each one it wrote, so a changed vocabulary is refused like changed weights.
+TOKENIZER_FILES = ("compact_vocab.json", "merges.txt", "vocab.json", "tokenizer_config.json")
+
+
+def _tokenizer_fields(folder: Path, recorded) -> dict[str, str]:
+    """The SHA-256 of each tokenizer file the digest ``recorded`` covers, as found in ``folder``; a
+    file that is gone is left out, so the comparison names it as missing."""
+    names = digest_fields(recorded)
+    return {
+        name: sha256_file(folder / name)
+        for name in TOKENIZER_FILES
+        if name in names and (folder / name).is_file()
+    }
+
+
 def _hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """The shape of every GPT-2 weight ``cfg`` implies, under Hugging Face's names (Conv1D
     layout)."""
@@ -192,10 +210,11 @@ def load_gpt2(path: Path | str) -> GPTModel:
                 f"{weights_file}: {name} has shape {found}, config.json implies {shape}"
             )
     metadata, tensors = read_safetensors(weights_file, "GPT-2 weights file")
-    # A folder written by save_gpt2 records a digest of its weights and config.json; others
-    # (downloads, transformers' save_pretrained) have none and are read as they are.
-    fields = {"config.json": _canonical_json(hf_config)}
-    verify_digest(path, "GPT-2 folder", metadata.get(DIGEST_KEY), tensors, fields)
+    # A folder written by save_gpt2 records a digest of its weights, config.json and tokenizer
+    # files; others (downloads, transformers' save_pretrained) have none and are read as they are.
+    recorded = metadata.get(DIGEST_KEY)
+    fields = {"config.json": _canonical_json(hf_config), **_tokenizer_fields(path, recorded)}
+    verify_digest(path, "GPT-2 folder", recorded, tensors, fields)
     model = GPTModel(cfg)
     refuse_non_finite(tensors, weights_file)
     try:
@@ -477,9 +496,7 @@ def save_gpt2(
     ``eos_token_id`` (also the ``bos`` and ``pad`` id) defaults to ``<|endoftext|>``: 50256 for
     GPT-2's vocabulary, the compact vocabulary's ``eot_id`` for it; it must lie in the vocabulary.
     """
-    from safetensors.torch import save_file
-
-    from minigpt.io import atomic_save_file
+    from minigpt.io import save_safetensors
     from minigpt.tokenizer import COMPACT_VOCAB_SIZE, get_compact_vocab
 
     folder = Path(folder)
@@ -492,13 +509,12 @@ def save_gpt2(
     config = hf_config_from(cfg, eos_token_id)
     files = _tokenizer_files(cfg, vocab, config.get("eos_token_id"))
     check_writable_folder(folder, "GPT-2 export folder")
-    # The digest covers the weights and config.json, so load_gpt2 can tell an edited config.
-    digest = content_digest(state, {"config.json": _canonical_json(config)})
-    atomic_save_file(
-        lambda tmp: save_file(
-            state, tmp, metadata={"format": "pt", DIGEST_KEY: json.dumps(digest)}
-        ),
-        folder / "model.safetensors",
+    # The digest covers the weights, config.json and the tokenizer files, so load_gpt2 (and
+    # CompactTokenizer) can tell an edited config or vocabulary.
+    fields = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    digest = content_digest(state, {"config.json": _canonical_json(config), **fields})
+    save_safetensors(
+        state, folder / "model.safetensors", {"format": "pt", DIGEST_KEY: json.dumps(digest)}
     )
     atomic_write_bytes(
         folder / "config.json", (json.dumps(config, indent=2) + "\n").encode("utf-8")

@@ -11,12 +11,15 @@ loads it only when asked (the base install does not include ``transformers``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 from transformers import PreTrainedTokenizer
 
+from minigpt._validate import UserError
+from minigpt.io import DIGEST_KEY, atomic_write_bytes, digest_fields, sha256_file
 from minigpt.tokenizer import END_OF_TEXT, CompactVocab, get_compact_vocab, get_tokenizer
 
 # the file minigpt.hf.save_gpt2 writes next to a compact-vocabulary model
@@ -50,11 +53,11 @@ class CompactTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str | os.PathLike | None = None, **kwargs):
-        self.vocab = (
-            get_compact_vocab()
-            if vocab_file is None
-            else CompactVocab(json.loads(Path(vocab_file).read_text())["gpt2_ids"])
-        )
+        if vocab_file is None:
+            self.vocab = get_compact_vocab()
+        else:  # a damaged file, or one other than the model's (its digest), is one line naming it
+            self.vocab = CompactVocab.load(vocab_file)
+            check_tokenizer_file(vocab_file)
         enc, chars = get_tokenizer(), byte_to_char()
         self._id_to_token = [
             END_OF_TEXT
@@ -109,5 +112,30 @@ class CompactTokenizer(PreTrainedTokenizer):
     ) -> tuple[str]:
         name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE
         path = Path(save_directory) / name
-        path.write_text(json.dumps({"gpt2_ids": self.vocab.gpt2_ids.tolist()}))
+        atomic_write_bytes(path, json.dumps({"gpt2_ids": self.vocab.gpt2_ids.tolist()}).encode())
         return (str(path),)
+
+
+def check_tokenizer_file(path: Path | str) -> None:
+    """Refuse a tokenizer file (``compact_vocab.json``) that differs from the one
+    :func:`save_gpt2` wrote next to the model in the same folder, when that model records a digest
+    of it (other folders: nothing to compare with)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    weights = path.parent / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get(DIGEST_KEY)
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types for broken headers
+        raise UserError(f"{weights} is not a readable safetensors file ({err})") from None
+    saved = digest_fields(recorded).get(path.name)
+    if saved is None:
+        return
+    if hashlib.sha256(sha256_file(path).encode()).hexdigest() != saved:
+        raise UserError(
+            f"{path} is not the vocabulary saved with {weights} (its digest differs); the file "
+            "was edited or replaced: export the model again"
+        )

@@ -14,32 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
 
+from minigpt._validate import (  # noqa: F401 - the errors and checks other modules import from here too
+    UserError,
+    UserTypeError,
+    WriteError,
+    check_float,
+    check_int,
+)
+
 CACHE_ENV = "MINIGPT_CACHE"
-
-
-class UserError(ValueError):
-    """A bad argument or file; the message says what was wrong and what to do. CLI: one line, exit
-    2."""
-
-    exit_code = 2
-
-
-class WriteError(UserError):
-    """A file that cannot be written where it was asked for (not a folder, no permission, disk
-    full)."""
-
-
-class UserTypeError(UserError, TypeError):
-    """A :class:`UserError` for an argument of the wrong type (still a ``TypeError`` for
-    callers)."""
 
 
 def cache_dir(*parts: str) -> Path:
@@ -47,47 +36,6 @@ def cache_dir(*parts: str) -> Path:
     ``parts``."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minigpt"
     return Path(root).expanduser().joinpath(*parts)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checks for arguments: numpy scalars count as numbers, bools do not, NaN and inf are refused.
-
-
-def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` as a Python int, refusing floats (even 10.0), bools and values out of range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise UserTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise UserError(f"{name} must be an integer {bounds}, got {value}")
-    return value
-
-
-def check_float(
-    name: str,
-    value,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    strict_min: bool = False,
-    strict_max: bool = False,
-) -> float:
-    """``value`` as a finite Python float within the bounds (``strict_*``: the bound itself is
-    excluded)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UserTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value}")
-    low_bad = minimum is not None and (value <= minimum if strict_min else value < minimum)
-    high_bad = maximum is not None and (value >= maximum if strict_max else value > maximum)
-    if low_bad or high_bad:
-        low = "" if minimum is None else f"{'>' if strict_min else '>='} {minimum:g}"
-        high = "" if maximum is None else f"{'<' if strict_max else '<='} {maximum:g}"
-        raise UserError(
-            f"{name} must be {' and '.join(p for p in (low, high) if p)}, got {value:g}"
-        )
-    return value
 
 
 def refuse_non_finite(tensors: dict, source: Path | str) -> None:
@@ -175,14 +123,30 @@ def _remove_orphans(path: Path) -> None:
             candidate.unlink(missing_ok=True)
 
 
+def names_a_folder(path: Path | str) -> bool:
+    """Whether ``path`` as written ends with a path separator (``runs/``): it then names a folder,
+    though :class:`~pathlib.Path` drops the separator."""
+    text = os.fspath(path)
+    return isinstance(text, str) and text.endswith(tuple(s for s in (os.sep, os.altsep) if s))
+
+
+def _refuse_folder_syntax(path: Path | str, what: str = "file") -> None:
+    if names_a_folder(path):
+        raise WriteError(
+            f"cannot write {what} {os.fspath(path)}: the path ends with a separator, so it names a "
+            "folder; give the file's name too"
+        )
+
+
 def atomic_save_file(save_fn, path: Path | str) -> None:
     """Call ``save_fn(tmp_path)`` and rename the result onto ``path`` only once it is complete and
     on disk.
 
     The temporary file sits next to ``path`` (same file system, so the rename is atomic), is fsynced
     before the rename, and is removed if anything fails, Ctrl-C included; the folder is fsynced
-    after.
+    after. A ``path`` written with a trailing separator (a folder) is refused.
     """
+    _refuse_folder_syntax(path)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +174,27 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of
     one."""
     atomic_save_file(lambda tmp: Path(tmp).write_bytes(data), path)
+
+
+def safetensors_writer(tensors: dict, metadata: dict | None = None):
+    """A ``save_fn`` for :func:`atomic_save_file` and :func:`save_or_keep` that writes ``tensors``
+    (and ``metadata``) as a safetensors file.
+
+    The file's bytes are built in memory first and written by Python's own file write, so a full
+    disk or a refused write is an ``OSError`` that the callers name and recover from: the writer of
+    the ``safetensors`` package reports such failures as its own exception type, which names no
+    file and cannot be told apart from a bug.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    return lambda tmp: Path(tmp).write_bytes(data)
+
+
+def save_safetensors(tensors: dict, path: Path | str, metadata: dict | None = None) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` atomically (see
+    :func:`safetensors_writer`)."""
+    atomic_save_file(safetensors_writer(tensors, metadata), path)
 
 
 def read_safetensors(path: Path | str, kind: str, with_tensors: bool = True) -> tuple[dict, dict]:
@@ -275,8 +260,9 @@ def check_writable_folder(folder: Path | str, what: str = "folder") -> Path:
 
 
 def check_writable_file(path: Path | str, what: str = "file") -> Path:
-    """Refuse, before the work, a file destination that is a folder or whose folder cannot take a
-    file (see :func:`check_writable_folder`)."""
+    """Refuse, before the work, a file destination that is a folder (or written as one, with a
+    trailing separator) or whose folder cannot take a file (see :func:`check_writable_folder`)."""
+    _refuse_folder_syntax(path, what)
     path = Path(path)
     problem = "it is a folder" if path.is_dir() else _folder_problem(path.parent)
     if problem:
@@ -298,9 +284,9 @@ def save_or_keep(save_fn, path: Path | str, what: str) -> None:
     content is written to a fallback file (next to ``path``, else in the cache, else in the
     temporary folder) and one :class:`WriteError` names both, so a finished run is never lost.
     """
-    path = Path(path)
+    target, path = path, Path(path)
     try:
-        atomic_save_file(save_fn, path)
+        atomic_save_file(save_fn, target)  # as given: a trailing separator is refused there
         return
     except (OSError, WriteError) as err:
         reason = str(err)
@@ -414,3 +400,13 @@ def safetensors_shapes(path: Path | str, kind: str) -> dict[str, tuple[int, ...]
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors' own error types for broken headers
         raise UserError(f"{path} is not a readable safetensors {kind} ({err})") from None
+
+
+def digest_fields(recorded) -> dict:
+    """The ``fields`` part of a digest as stored (JSON text); empty when there is none or it cannot
+    be read (:func:`~minigpt.io.verify_digest` then says so)."""
+    try:
+        fields = json.loads(recorded).get("fields") if isinstance(recorded, str) else None
+    except (ValueError, AttributeError):
+        return {}
+    return fields if isinstance(fields, dict) else {}

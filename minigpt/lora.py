@@ -21,15 +21,15 @@ and DoRA (:mod:`minigpt.dora`) subclass :class:`LinearWithLoRA`; adapter files l
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
+
+from minigpt._validate import UserError, UserTypeError, check_choice, check_float, check_int
+from minigpt._validate import check_flag as _check_flag
 
 INITS = ("kaiming", "gaussian")
 
@@ -105,7 +105,7 @@ class LinearWithLoRA(nn.Module):
     ):
         super().__init__()
         if isinstance(linear, LinearWithLoRA):
-            raise TypeError(
+            raise UserTypeError(
                 "linear already has an adapter: a wrapper around a wrapper would leave the inner "
                 "adapter out of merges and adapter files; wrap the plain layer (.linear) instead"
             )
@@ -167,7 +167,7 @@ def device_of(module: nn.Module) -> torch.device:
 def mergeable_weight(layer: LinearWithLoRA, merged: bool) -> nn.Parameter:
     """The base weight merge/unmerge write to, refusing what would silently give a wrong weight."""
     if layer.merged != merged:
-        raise ValueError(
+        raise UserError(
             "this layer's adapter is already merged (merging twice adds the update twice); call "
             "unmerge first"
             if layer.merged
@@ -175,7 +175,7 @@ def mergeable_weight(layer: LinearWithLoRA, merged: bool) -> nn.Parameter:
         )
     weight = getattr(layer.linear, "weight", None)
     if not isinstance(weight, nn.Parameter):
-        raise TypeError(
+        raise UserTypeError(
             f"merge needs a base layer that stores its weight as an nn.Parameter (nn.Linear); "
             f"{type(layer.linear).__name__} does not (a quantised base cannot absorb the update: "
             "keep "
@@ -209,9 +209,7 @@ def adapter_tensors(layer: LinearWithLoRA) -> dict[str, torch.Tensor]:
 def check_rank(rank: Any, name: str = "rank") -> int:
     """A rank is an integer >= 1 (numpy integers too). A rank above min(in, out) is allowed: it only
     adds redundant directions (and PiSSA adapters converted to LoRA have rank 2r)."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {rank!r}")
-    return operator.index(rank)
+    return check_int(name, rank, 1)
 
 
 def check_number(
@@ -219,32 +217,21 @@ def check_number(
 ) -> float:
     """A real number (numpy scalars too) with ``low < value <= high`` (``< high`` with
     ``high_open``)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (low < value and (value < high if high_open else value <= high)):
-        raise ValueError(
-            f"{name} must be a finite number in ({low:g}, {high:g}{')' if high_open else ']'}, "
-            f"got {value!r}"
-        )
-    return float(value)
+    maximum = None if math.isinf(high) else high
+    return check_float(name, value, low, maximum, strict_min=True, strict_max=high_open)
 
 
 def check_dropout(dropout: Any) -> float:
     """A dropout probability in [0, 1)."""
-    if dropout == 0:
-        return 0.0
-    return check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
+    return check_float("dropout", dropout, 0.0, 1.0, strict_max=True)
 
 
 def check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    return _check_flag(name, value)
 
 
 def check_init(init: Any) -> str:
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    return init
+    return check_choice("init", init, INITS)
 
 
 def check_lora_args(
@@ -268,7 +255,7 @@ def _check_names(names: Any, arg: str) -> tuple[str, ...]:
         names = tuple(names)
         if names and all(isinstance(n, str) and n for n in names):
             return names
-    raise TypeError(
+    raise UserTypeError(
         f"{arg} must be a module name (str) or a non-empty list of non-empty names, got {names!r}"
     )
 
@@ -328,7 +315,7 @@ def select_targets(
             if is_linear_like(m) and not any(_matches(n, e) for e in exclude)
         ]
         if not selected:
-            raise ValueError(
+            raise UserError(
                 f"target_modules=None selects every linear layer not in exclude={exclude}, but the "
                 f"model has none; linear layers: {linear_names}"
             )
@@ -337,20 +324,20 @@ def select_targets(
         for target in _check_names(target_modules, "target_modules"):
             hits = [(n, m) for n, m in modules if _matches(n, target)]
             if not hits:
-                raise ValueError(
+                raise UserError(
                     f"target_modules entry {target!r} matches no module; the model's linear layers "
                     f"are {linear_names}"
                 )
             for n, m in hits:
                 if not is_linear_like(m):
-                    raise TypeError(
+                    raise UserTypeError(
                         f"target_modules entry {target!r} matches {n!r}, a {type(m).__name__}; "
                         f"targets must be linear layers, one of {linear_names}"
                     )
             selected += [hit for hit in hits if hit[0] not in {n for n, _ in selected}]
     for n, m in selected:
         if isinstance(m, LinearWithLoRA):
-            raise ValueError(
+            raise UserError(
                 f"layer {n!r} already has a {m.method} adapter; wrapping it again is not supported "
                 "(target_modules must name plain linear layers)"
             )
@@ -469,7 +456,7 @@ def trainable_summary(model: nn.Module) -> str:
 def layers_or_raise(model: nn.Module) -> list[tuple[str, LinearWithLoRA]]:
     layers = adapter_layers(model)
     if not layers:
-        raise ValueError(
+        raise UserError(
             "model has no adapter layers (LinearWithLoRA / PiSSA / DoRA); "
             "call replace_linear_with_lora first"
         )
@@ -482,7 +469,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     layers = layers_or_raise(model)
     merged = [name for name, layer in layers if layer.merged]
     if merged:
-        raise ValueError(f"adapters already merged in {merged}; call unmerge_lora first")
+        raise UserError(f"adapters already merged in {merged}; call unmerge_lora first")
     for _, layer in layers:
         layer.merge()
     return model
@@ -508,7 +495,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     layers = layers_or_raise(model)
     unmerged = [name for name, layer in layers if not layer.merged]
     if unmerged:
-        raise ValueError(f"adapters not merged in {unmerged}; call merge_lora first")
+        raise UserError(f"adapters not merged in {unmerged}; call merge_lora first")
     for _, layer in layers:
         layer.unmerge()
     return model

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # the tiny presets' vocabulary (GPT-2 tokens, compact)
+from minigpt._validate import UserError, UserTypeError
 from minigpt.tokenizer import (
     COMPACT_VOCAB_SIZE,
 )
@@ -41,13 +42,13 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+            raise UserError(f"GPTConfig.n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.num_parameters() > MAX_PARAMETERS:  # a typo or a damaged file, not a model to build
-            raise ValueError(
+            raise UserError(
                 f"GPTConfig describes {self.num_parameters():,} parameters "
                 f"({4 * self.num_parameters() / 2**30:,.0f} GiB in float32), more than the "
                 f"{MAX_PARAMETERS:,} this course builds; check vocab_size, context_length, n_layer "
@@ -66,7 +67,7 @@ class GPTConfig:
         """A named configuration: ``gpt2-small`` (124M), ``gpt2-medium``, ``tiny`` (CPU), ``micro``
         (tests)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise UserError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict:
@@ -77,7 +78,7 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; known: {sorted(known)}")
+            raise UserError(f"unknown GPTConfig fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**values)
 
 
@@ -173,7 +174,7 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         if not isinstance(cfg, GPTConfig):
-            raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
+            raise UserTypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd)
@@ -232,13 +233,13 @@ def check_token_ids(
     (``generate``, ``answer``) check them there before moving them to the model's device.
     """
     if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int, torch.int32):
-        raise ValueError(
+        raise UserError(
             f"idx must be integer token ids of shape (batch, time), got {tuple(idx.shape)} "
             f"{idx.dtype}"
         )
     if idx.shape[1] > context_length:
-        raise ValueError(f"sequence length {idx.shape[1]} exceeds context_length {context_length}")
+        raise UserError(f"sequence length {idx.shape[1]} exceeds context_length {context_length}")
     if check_values and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
-        raise ValueError(
+        raise UserError(
             f"token ids must be in [0, {vocab_size}), got {int(idx.min())}..{int(idx.max())}"
         )

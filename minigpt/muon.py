@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from minigpt.io import UserError
+from minigpt._validate import UserError
 
 # The quintic's coefficients (Jordan et al.), chosen for the steepest slope at zero;
 # torch.optim.Muon's defaults.

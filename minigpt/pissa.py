@@ -17,12 +17,12 @@ W to float precision.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 
+from minigpt._validate import UserError, UserTypeError, check_int
 from minigpt.lora import (
     LinearWithLoRA,
     adapter_layers,
@@ -46,7 +46,7 @@ def pissa_init(
     reproducible result. The SVD runs in float32 even for float16/bfloat16 weights.
     """
     if not 1 <= rank <= min(weight.shape):
-        raise ValueError(
+        raise UserError(
             "PiSSA's rank must be in [1, min(out_features, in_features)] = [1, "
             f"{min(weight.shape)}] "
             f"(the SVD has no more directions), got {rank}"
@@ -129,21 +129,14 @@ class LinearWithPiSSA(LinearWithLoRA):
 
 def check_niter(niter: object) -> int | None:
     """None (exact SVD) or an integer >= 0 (randomised SVD power iterations)."""
-    if niter is None:
-        return None
-    if isinstance(niter, bool) or not isinstance(niter, numbers.Integral) or niter < 0:
-        raise ValueError(
-            f"niter must be None (exact SVD) or an integer >= 0 (randomised SVD iterations), "
-            f"got {niter!r}"
-        )
-    return int(niter)
+    return None if niter is None else check_int("niter", niter, 0)
 
 
 def check_pissa_target(name: str, linear: nn.Module) -> None:
     """PiSSA rewrites the base weight, so it needs a real ``nn.Parameter`` (not a quantised
     base)."""
     if not isinstance(getattr(linear, "weight", None), nn.Parameter):
-        raise TypeError(
+        raise UserTypeError(
             f"PiSSA initialisation of {name!r} needs a base layer that stores its weight as an "
             f"nn.Parameter (nn.Linear); {type(linear).__name__} does not (a quantised base cannot "
             "hold "
@@ -173,7 +166,7 @@ def replace_linear_with_pissa(
     def check(name: str, linear: nn.Module) -> None:
         check_pissa_target(name, linear)
         if args["rank"] > min(linear.in_features, linear.out_features):
-            raise ValueError(
+            raise UserError(
                 f"PiSSA's rank must be at most min(in_features, out_features) = "
                 f"{min(linear.in_features, linear.out_features)} for layer {name!r}, got "
                 f"{args['rank']}"
@@ -203,14 +196,12 @@ def pissa_to_lora(model: nn.Module) -> nn.Module:
         (name, layer) for name, layer in adapter_layers(model) if isinstance(layer, LinearWithPiSSA)
     ]
     if not layers:
-        raise ValueError(
+        raise UserError(
             "model has no LinearWithPiSSA layers to convert; call replace_linear_with_pissa first"
         )
     merged = [name for name, layer in layers if layer.merged]
     if merged:
-        raise ValueError(
-            f"PiSSA layers {merged} are merged; call unmerge_lora before pissa_to_lora"
-        )
+        raise UserError(f"PiSSA layers {merged} are merged; call unmerge_lora before pissa_to_lora")
     for name, layer in layers:
         s, rank, rslora = layer.scaling, layer.lora.rank, layer.lora.use_rslora
         linear = layer.linear

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt._validate import UserError, UserTypeError, check_choice, check_int
+
 METHODS = ("int8", "nf4")
 # QLoRA section 3, "Double Quantization": blocks of 256 for the constants
 DOUBLE_QUANT_BLOCK_SIZE = 256
@@ -26,34 +28,26 @@ DOUBLE_QUANT_BLOCK_SIZE = 256
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method
+    return check_choice("method", method, METHODS)
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(
-            f"{name} must be a positive integer, got {type(block_size).__name__} {block_size!r}"
-        )
-    if block_size <= 0:
-        raise ValueError(f"{name} must be a positive integer (>= 1), got {block_size}")
-    return block_size
+    return check_int(name, block_size, 1)
 
 
 def check_float_tensor(w: torch.Tensor, name: str = "w") -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+        raise UserTypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
-        raise TypeError(
+        raise UserTypeError(
             f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
             f"got {w.dtype}"
         )
     if w.numel() == 0:
-        raise ValueError(f"{name} must have at least one element, got shape {tuple(w.shape)}")
+        raise UserError(f"{name} must have at least one element, got shape {tuple(w.shape)}")
     # one NaN/inf would poison its block's absmax and every code
     if not bool(torch.isfinite(w).all()):
-        raise ValueError(
+        raise UserError(
             f"{name} holds {int((~torch.isfinite(w)).sum())} non-finite value(s) (NaN or inf); "
             "quantisation needs finite weights"
         )
@@ -66,7 +60,7 @@ def check_shape(shape) -> tuple[int, ...]:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
         or len(shape) == 0
     ):
-        raise ValueError(f"shape must be a non-empty tuple of positive integers, got {shape!r}")
+        raise UserError(f"shape must be a non-empty tuple of positive integers, got {shape!r}")
     return tuple(shape)
 
 
@@ -87,11 +81,11 @@ def check_codes(
                 if isinstance(tensor, torch.Tensor)
                 else type(tensor).__name__
             )
-            raise TypeError(f"{name} must be a 1-D {expected} tensor, got {got}")
+            raise UserTypeError(f"{name} must be a 1-D {expected} tensor, got {got}")
     n_blocks = math.ceil(math.prod(shape) / block_size)
     n_codes = math.ceil(n_blocks * block_size / codes_per_byte)
     if scales.numel() != n_blocks or codes.numel() != n_codes:
-        raise ValueError(
+        raise UserError(
             f"codes/scales do not match shape={shape} and block_size={block_size}: expected "
             f"{n_codes} codes and {n_blocks} scales, got {codes.numel()} and {scales.numel()}"
         )
@@ -258,7 +252,7 @@ class QuantizedLinear(nn.Module):
         check_block_size(in_features, "in_features")
         check_block_size(out_features, "out_features")
         if double_quant and method != "nf4":
-            raise ValueError(
+            raise UserError(
                 f"double_quant is only available with method='nf4', got method={method!r}"
             )
         self.in_features, self.out_features = in_features, out_features
@@ -291,10 +285,10 @@ class QuantizedLinear(nn.Module):
         method: str = "nf4",
         block_size: int = 64,
         double_quant: bool = False,
-    ) -> QuantizedLinear:
+    ) -> "QuantizedLinear":
         """Quantise ``linear.weight`` (bias kept in float32) on the weight's device."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+            raise UserTypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         check_float_tensor(linear.weight, "linear.weight")
         layer = cls(
             linear.in_features,
@@ -381,7 +375,7 @@ def replace_linear_with_quantized(
     check_method(method)
     check_block_size(block_size)
     if isinstance(exclude, str) or not all(isinstance(name, str) for name in exclude):
-        raise TypeError(f"exclude must be a tuple of module names (str), got {exclude!r}")
+        raise UserTypeError(f"exclude must be a tuple of module names (str), got {exclude!r}")
     for name, child in model.named_children():
         path = f"{_prefix}{name}"
         if name in exclude or path in exclude:
@@ -408,7 +402,7 @@ def quantization_error(w: torch.Tensor, method: str, block_size: int = 64) -> di
     check_method(method)
     check_float_tensor(w)
     if w.ndim != 2:
-        raise ValueError(f"w must be a 2-D weight matrix, got shape {tuple(w.shape)}")
+        raise UserError(f"w must be a 2-D weight matrix, got shape {tuple(w.shape)}")
     if method == "nf4":
         restored = dequantize_nf4(*quantize_nf4(w, block_size), w.shape, block_size)
     else:

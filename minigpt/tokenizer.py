@@ -189,7 +189,8 @@ class CompactVocab:
     def load(cls, path: Path | str) -> CompactVocab:
         """The vocabulary saved at ``path``; a truncated, non-UTF-8 or malformed file is one
         :class:`~minigpt.io.UserError` naming it."""
-        from minigpt.io import UserError, read_json
+        from minigpt._validate import UserError
+        from minigpt.io import read_json
 
         data = read_json(path, "compact vocabulary (JSON)")
         ids = data.get("gpt2_ids") if isinstance(data, dict) else None

@@ -32,13 +32,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt._validate import UserError, UserTypeError
+
 
 def check_token_indices(token_indices: Any, num_embeddings: int) -> list[int]:
     """``token_indices`` as a list of ints: non-empty, unique, each in ``[0, num_embeddings)``."""
     if isinstance(token_indices, (str, bytes)) or not isinstance(
         token_indices, (Iterable, torch.Tensor)
     ):
-        raise TypeError(
+        raise UserTypeError(
             f"token_indices must be a list of integer token ids, got {type(token_indices).__name__}"
         )
     if isinstance(token_indices, torch.Tensor):
@@ -47,7 +49,7 @@ def check_token_indices(token_indices: Any, num_embeddings: int) -> list[int]:
             or token_indices.dtype == torch.bool
             or token_indices.dim() != 1
         ):
-            raise TypeError(
+            raise UserTypeError(
                 f"token_indices as a tensor must be 1-D with an integer dtype, got dtype "
                 f"{token_indices.dtype} and shape {tuple(token_indices.shape)}"
             )
@@ -55,24 +57,24 @@ def check_token_indices(token_indices: Any, num_embeddings: int) -> list[int]:
     ids = []
     for i in token_indices:
         if isinstance(i, bool):
-            raise TypeError(f"token_indices must hold integer token ids, got the bool {i!r}")
+            raise UserTypeError(f"token_indices must hold integer token ids, got the bool {i!r}")
         try:
             ids.append(operator.index(i))
         except TypeError:
-            raise TypeError(
+            raise UserTypeError(
                 f"token_indices must hold integer token ids, got {i!r} ({type(i).__name__})"
             ) from None
     if not ids:
-        raise ValueError("token_indices is empty; name at least one token id to train")
+        raise UserError("token_indices is empty; name at least one token id to train")
     bad = [i for i in ids if not 0 <= i < num_embeddings]
     if bad:
-        raise ValueError(
+        raise UserError(
             f"token_indices {bad} are out of range for an embedding of {num_embeddings} rows "
             f"(valid ids are 0..{num_embeddings - 1})"
         )
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
-        raise ValueError(f"token_indices must be unique; {repeated} appear more than once")
+        raise UserError(f"token_indices must be unique; {repeated} appear more than once")
     return ids
 
 
@@ -88,7 +90,9 @@ class TrainableTokens(nn.Module):
     def __init__(self, embedding: nn.Embedding, token_indices: Iterable[int]):
         super().__init__()
         if not isinstance(embedding, nn.Embedding):
-            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+            raise UserTypeError(
+                f"embedding must be an nn.Embedding, got {type(embedding).__name__}"
+            )
         ids = check_token_indices(token_indices, embedding.num_embeddings)
         self.embedding = embedding.requires_grad_(False)
         weight = embedding.weight
@@ -163,14 +167,14 @@ class TrainableTokens(nn.Module):
         """Load what :meth:`token_state_dict` returned; the indices must match this wrapper's."""
         missing = {"token_indices", "delta"} - set(state)
         if missing:
-            raise ValueError(f"token state dict lacks {sorted(missing)}")
+            raise UserError(f"token state dict lacks {sorted(missing)}")
         if state["token_indices"].tolist() != self.token_indices.tolist():
-            raise ValueError(
+            raise UserError(
                 f"token state dict trains ids {state['token_indices'].tolist()}, but this wrapper "
                 f"trains {self.token_indices.tolist()}"
             )
         if tuple(state["delta"].shape) != tuple(self.delta.shape):
-            raise ValueError(
+            raise UserError(
                 f"token state dict delta has shape {tuple(state['delta'].shape)}, expected "
                 f"{tuple(self.delta.shape)}"
             )
@@ -220,11 +224,11 @@ def add_trainable_tokens(model: nn.Module, token_indices: Iterable[int]) -> nn.M
     """
     emb = getattr(model, "tok_emb", None)
     if isinstance(emb, TrainableTokens):
-        raise ValueError(
+        raise UserError(
             "model.tok_emb already has trainable tokens; add all token_indices in one call"
         )
     if not isinstance(emb, nn.Embedding):
-        raise TypeError(
+        raise UserTypeError(
             f"model must have a token embedding tok_emb (nn.Embedding), got {type(emb).__name__}"
         )
     head = getattr(model, "lm_head", None)

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from minigpt import keep_freed_memory
+from minigpt._progress import tqdm  # a widget in Jupyter, a text bar in saved notebooks/terminals
+from minigpt._validate import UserError, UserTypeError, check_float, check_int
 
 # Re-exported: the chapters, the lab and the command line import these from here.
 from minigpt.device import (
@@ -39,22 +40,18 @@ from minigpt.device import (
 )
 from minigpt.io import (
     DIGEST_KEY,
-    UserError,
-    UserTypeError,
-    check_float,
-    check_int,
     check_writable_file,
     content_digest,
     read_safetensors,
     refuse_non_finite,
     safetensors_shapes,
+    safetensors_writer,
     save_or_keep,
     tensor_digest,
     verify_digest,
 )
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.muon import BatchedMuon, MuonWithAdamW
-from minigpt.progress import tqdm  # a widget in Jupyter, a text bar in saved notebooks/terminals
 
 
 def seed_everything(seed: int) -> None:
@@ -298,7 +295,8 @@ def train(
     .device`` afterwards, or use the entry points that move inputs themselves (``generate``,
     ``evaluate``, ``answer``). Batches may come on any device.
     """
-    if checkpoint:  # before the first step: a bad destination must not cost a finished run
+    # before the first step: a bad destination (an empty path too) must not cost a finished run
+    if checkpoint is not None:
         check_writable_file(checkpoint, "checkpoint")
     device = choose_device(cfg.device)
     keep_freed_memory()  # a fifth of a small model's CPU step went to page faults without it
@@ -307,7 +305,7 @@ def train(
     precision = resolve_precision(cfg.precision, device)
     optimizer = make_optimizer(model, cfg, precision)
     start = 0
-    if resume and checkpoint and Path(checkpoint).is_file():
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
         start = load_checkpoint(checkpoint, model, optimizer)["step"]
     history = History(precision=precision)
     batches = forever(train_loader)
@@ -356,7 +354,7 @@ def train(
             model.train()
             t0 += time.perf_counter() - paused
     history.seconds = time.perf_counter() - t0
-    if checkpoint:
+    if checkpoint is not None:
         save_checkpoint(checkpoint, model, optimizer, step=end)
     return history
 
@@ -410,7 +408,7 @@ def save_checkpoint(
                 tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
         meta["optim_groups"] = json.dumps(state["param_groups"])
     meta[DIGEST_KEY] = json.dumps(content_digest(tensors, meta))
-    save_or_keep(lambda tmp: save_file(tensors, tmp, metadata=meta), path, f"checkpoint {path}")
+    save_or_keep(safetensors_writer(tensors, meta), path, f"checkpoint {path}")
 
 
 def read_checkpoint_metadata(path: Path | str) -> dict:
@@ -421,9 +419,14 @@ def read_checkpoint_metadata(path: Path | str) -> dict:
         raise UserError(f"{path} is not a minigpt checkpoint (format={meta.get('format')!r})")
     try:
         meta["step"] = int(meta.get("step", "0"))
-        for key in ("config", "extra", "optim_groups"):
+        for key, kind in (("config", dict), ("extra", dict), ("optim_groups", list)):
             if key in meta:
                 meta[key] = json.loads(meta[key])
+                if not isinstance(meta[key], kind):
+                    raise TypeError(
+                        f"its {key!r} entry is {json.dumps(meta[key])[:40]}, not a JSON "
+                        f"{'object' if kind is dict else 'list'}"
+                    )
     except (ValueError, TypeError) as err:
         raise UserError(
             f"checkpoint {path} has unreadable metadata ({err}); the file is damaged"
@@ -444,6 +447,22 @@ def load_checkpoint(
     ``vocab_sha256``, one that records another vocabulary. A file without a digest loads with a
     warning (nothing can prove what it holds).
     """
+    # The digest first, then the entries' types (read_checkpoint_metadata), then their values.
+    raw, tensors = read_safetensors(path, "checkpoint")
+    if raw.get("format") != "minigpt-checkpoint-1":
+        raise UserError(f"{path} is not a minigpt checkpoint (format={raw.get('format')!r})")
+    fields = {key: value for key, value in raw.items() if key != DIGEST_KEY}
+    if not verify_digest(path, "checkpoint", raw.get(DIGEST_KEY), tensors, fields):
+        if "sha256" in raw and tensor_digest(tensors) != raw["sha256"]:  # tensors-only hash
+            raise UserError(
+                f"checkpoint {path} is corrupted: its tensors do not match the SHA-256 recorded "
+                "when it was saved; delete it and train (or copy) it again"
+            )
+        warnings.warn(
+            f"checkpoint {path} records no digest of its config and metadata, so a changed config "
+            "cannot be detected; save it again with save_checkpoint to add one",
+            stacklevel=2,
+        )
     meta = read_checkpoint_metadata(path)
     check_checkpoint_vocab(path, meta, vocab_sha256)
     if isinstance(model, GPTModel) and "config" in meta:
@@ -457,19 +476,6 @@ def load_checkpoint(
             raise UserError(
                 f"checkpoint {path} was saved from another config; (saved, model) differ in {diff}"
             )
-    raw, tensors = read_safetensors(path, "checkpoint")
-    fields = {key: value for key, value in raw.items() if key != DIGEST_KEY}
-    if not verify_digest(path, "checkpoint", raw.get(DIGEST_KEY), tensors, fields):
-        if "sha256" in meta and tensor_digest(tensors) != meta["sha256"]:  # tensors-only hash
-            raise UserError(
-                f"checkpoint {path} is corrupted: its tensors do not match the SHA-256 recorded "
-                "when it was saved; delete it and train (or copy) it again"
-            )
-        warnings.warn(
-            f"checkpoint {path} records no digest of its config and metadata, so a changed config "
-            "cannot be detected; save it again with save_checkpoint to add one",
-            stacklevel=2,
-        )
     refuse_non_finite(tensors, f"checkpoint {path}")
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = model.state_dict()

@@ -203,12 +203,12 @@ def jupyterlab(tmp_path):
                 ) as response:
                     json.load(response)
                 break
-            except OSError:
+            except OSError as err:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
                         "JupyterLab did not start: "
                         + (tmp_path / "jupyterlab.log").read_text(errors="replace")[-2000:]
-                    )
+                    ) from err
                 time.sleep(0.5)
         yield base, token, chapter.name
     finally:

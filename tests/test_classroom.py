@@ -2,8 +2,8 @@
 
 Grading runs a real kernel, so only chapter 01 and small hand-made notebooks are graded here (a few
 seconds each); the student versions of every chapter present are checked without a kernel. Crafted
-submissions (attacks on the grader) live in test_grading_attacks.py, the sandbox and the transcripts
-in test_sandbox.py.
+submissions (attacks on the grader) live in test_grading_attacks.py, the sandbox and the channel to
+the worker in test_sandbox.py.
 """
 
 import contextlib
@@ -322,7 +322,7 @@ def test_student_version_gets_zero_on_stubs_and_full_marks_elsewhere(student_dir
         (
             json.dumps(
                 {
-                    "cells": [{"cell_type": "code", "metadata": {}, "outputs": []}],
+                    "cells": [{"cell_type": "code", "id": "a", "metadata": {}, "outputs": []}],
                     "metadata": {},
                     "nbformat": 4,
                     "nbformat_minor": 5,

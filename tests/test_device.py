@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from minigpt._validate import UserError
 from minigpt.data import make_loader
 from minigpt.generate import generate, generate_text
-from minigpt.io import UserError
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.train import (
     TrainConfig,

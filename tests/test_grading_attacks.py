@@ -382,7 +382,7 @@ def test_attack_scores_no_more_than_the_handout(
     if attack == "forged_report_then_crash":
         assert "Execution: kernel_died" in text, text
     if attack == "endless_messages":
-        assert re.search(r"timeout +0/1 +exercise_3", text) and seconds < 120, text
+        assert re.search(r"(timeout|error) +0/1 +exercise_3", text) and seconds < 120, text
     if attack == "malformed_messages":
         for reason in ("announced a message of", "nested too deeply", "not JSON"):
             assert reason in text, text

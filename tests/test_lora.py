@@ -504,14 +504,15 @@ def test_load_adapter_errors(toy, randomise, tmp_path):
 
 
 def test_save_adapter_failure_leaves_no_temp_file(toy, tmp_path, monkeypatch):
-    import minigpt.adapters as adapters_module
+    from pathlib import Path
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    real = Path.write_bytes
+
+    def failing_write(self, data):  # the write of the file's bytes fails half-way
+        real(self, b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters_module, "save_file", failing_save)
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
     model = replace_linear_with_lora(toy(), rank=2, alpha=4, target_modules=TARGETS)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "a.safetensors")

@@ -361,7 +361,7 @@ def test_cell_progress_shows_cell_number_and_latest_bar_line():
 def test_progress_bars_are_widgets_only_in_a_live_jupyter_kernel(monkeypatch):
     import importlib.util
 
-    from minigpt import progress
+    from minigpt import _progress as progress
 
     monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
     assert not progress.use_widget()  # no IPython kernel in the test process

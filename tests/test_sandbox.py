@@ -341,6 +341,12 @@ def _send(payload):
 
 def _frame(body):
     return len(body).to_bytes(8, "big") + body
+
+def _answer(result):
+    # the id of the request being answered, read from this process's memory
+    import gc
+    number = next(o["id"] for o in gc.get_objects() if isinstance(o, dict) and o.get("op") == "call")
+    return _frame(b'{"id": %d, "result": %s}' % (number, result))
 """
 
 
@@ -462,8 +468,9 @@ def test_handles_held_objects_and_helpers_act_on_the_worker(tmp_path):
         ("(200003).to_bytes(8, 'big') + b'[' * 100000 + b'1' + b']' * 100000 + b' '", "nested"),
         ("_frame(b'not json!')", "not JSON"),
         ("_frame(b'[]')", "not a JSON object"),
-        ("_frame(b'{\"result\": {}}')", "malformed answer"),
-        ("_frame(b'{\"result\": ' + b'[' * 30 + b']' * 30 + b'}')", "malformed answer"),
+        ("_frame(b'{\"result\": 1}')", "an answer to another request"),
+        ("_answer(b'{}')", "malformed answer"),
+        ("_answer(b'[' * 30 + b']' * 30)", "malformed answer"),
     ],
 )
 def test_malformed_answers_fail_the_check_with_one_line(tmp_path, payload, reason):
@@ -480,16 +487,14 @@ def test_malformed_answers_fail_the_check_with_one_line(tmp_path, payload, reaso
 
 
 def test_a_worker_cannot_extend_its_deadline(tmp_path):
-    """A check's deadline is fixed before it starts: a notebook function that keeps sending valid
-    frames, or drips one byte at a time, is stopped when the deadline passes."""
+    """A check's deadline is fixed before it starts: a notebook function that keeps the channel
+    busy, one byte at a time, is stopped when the deadline passes."""
     source = (
         SEND
         + """
 def chatty():
-    import json, time
-    ready = json.dumps({"event": "ready"}).encode()
-    _send(len(ready).to_bytes(8, "big") + ready)
-    _send(b"\\x00")
+    import time
+    _send((1000).to_bytes(8, "big"))  # an answer announced, then sent one byte at a time
     while True:
         _send(b"\\x00")
         time.sleep(0.2)
@@ -557,3 +562,17 @@ def test_package_classes_imported_into_chapter_06_score_zero(tmp_path):
             assert "comes from minigpt.lora" in borrowed(
                 outcome.fetched, graded, {"LoRALayer", "LinearWithLoRA"}, set()
             ), "the worker's origin report"
+
+
+def test_error_hiding_tags_need_a_list_and_the_reference():
+    from minigpt.classroom.worker import _excused
+
+    def cell(tags, cell_id="a1"):
+        return nbformat.from_dict(
+            {"cell_type": "code", "id": cell_id, "metadata": {"tags": tags}, "source": "1 / 0"}
+        )
+
+    assert _excused(cell(["raises-exception"]), {"a1"})
+    assert not _excused(cell(["raises-exception"]), set()), "not tagged in the reference"
+    assert not _excused(cell(["raises-exception"], "b2"), {"a1"}), "another cell of the reference"
+    assert not _excused(cell("raises-exception"), {"a1"}), "a string, not a list of tags"

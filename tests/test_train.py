@@ -172,7 +172,7 @@ def test_masked_loss_computes_the_head_only_where_it_counts():
 
 
 def test_precision_is_resolved_and_checked(monkeypatch):
-    from minigpt.io import UserError
+    from minigpt._validate import UserError
     from minigpt.train import resolve_precision
 
     cpu = torch.device("cpu")

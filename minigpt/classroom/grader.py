@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import selectors
 import shutil
 import tempfile
@@ -254,9 +255,11 @@ class _Worker:
         """Wait for the notebook's import, which gets ``seconds`` (never past ``end``); a fresh
         worker first has until ``startup_end`` to start Python; ``fresh``: ask for a new import
         first. Every deadline is set here. The worker's event: ``ready`` or ``import_error``."""
+        number = None
         if fresh:
             deadline = min(time.monotonic() + seconds, end)
-            self.channel.send(dumps({"op": "reset"}), deadline)
+            number = secrets.randbits(62)
+            self.channel.send(dumps({"op": "reset", "id": number}), deadline)
         else:
             event = self.channel.receive(min(startup_end, end))
             if event.get("event") != "importing":
@@ -264,7 +267,7 @@ class _Worker:
             self.started = time.monotonic()
             deadline = min(self.started + seconds, end)
         event = self.channel.receive(deadline)
-        if event.get("event") not in ("ready", "import_error"):
+        if event.get("event") not in ("ready", "import_error") or event.get("id") != number:
             raise ChannelError("the worker sent something else than its import's outcome")
         return event
 
@@ -356,6 +359,13 @@ def run_checks(
                     outcomes += [outcome] * (len(checks) - len(outcomes))
                     break
             outcomes.append(outcome)
+            if folder_size(sandbox, FOLDER_LIMIT) > FOLDER_LIMIT:
+                message = (
+                    f"the notebook wrote more than {FOLDER_LIMIT // 2**20} MiB into its folder"
+                )
+                problems.append(message + "; the checks were stopped")
+                outcomes += [Outcome("error", message)] * (len(checks) - len(outcomes))
+                break
     finally:
         if worker is not None:
             worker.close()

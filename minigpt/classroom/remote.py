@@ -17,6 +17,7 @@ from __future__ import annotations
 import builtins
 import io
 import pickle
+import secrets
 import sys
 from typing import Any
 
@@ -77,12 +78,17 @@ class Remote:
         kwargs: dict | None = None,
         value: Any = None,
     ) -> Any:
+        # a fresh random id per request: an answer written ahead of time cannot carry it
+        number = secrets.randbits(62)
         request = {"op": op, "target": hid, "name": name, "args": args, "kwargs": kwargs or {}}
+        request["id"] = number
         if op == "apply":
             request["helper"] = _helper_name(value)
         else:
             request["value"] = value
         answer = self.channel.request(dumps(request), self.deadline)
+        if answer.get("id") != number:
+            raise ChannelError("the worker sent an answer to another request")
         try:
             if "error" in answer:
                 error = rebuild_exception(answer["error"])

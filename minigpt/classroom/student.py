@@ -255,7 +255,7 @@ def write_student_notebooks(
 
 def student_notebooks_main(argv: list[str]) -> int:
     """``python -m minigpt student-notebooks OUT_DIR [--chapters 01 06]``."""
-    from minigpt.cli import make_parser
+    from minigpt._cli import make_parser
 
     parser = make_parser(
         "python -m minigpt student-notebooks",

@@ -290,14 +290,15 @@ def serve(spec: dict, emit, requests) -> int:
         if data is None:
             return 0
         request = server.unpickle(data)
+        number = request.get("id")
         if request.get("op") == "reset":
             try:
                 server.load()
-                emit(event="ready")
+                emit(event="ready", id=number)
             except BaseException as err:  # noqa: BLE001
-                emit(event="import_error", **_describe(err, spec["submission"]))
+                emit(event="import_error", id=number, **_describe(err, spec["submission"]))
             continue
-        emit(**server.answer(request))
+        emit(id=number, **server.answer(request))
 
 
 def main(argv: list[str]) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 import nbformat
 
 from minigpt import SMOKE_ENV
+from minigpt._progress import PROGRESS_ENV
 from minigpt.course.chapters import read_notebook
 from minigpt.course.clean import clean_outputs, collapse_carriage_returns
-from minigpt.progress import PROGRESS_ENV
 
 
 def execute_notebook(

@@ -120,18 +120,20 @@ def build_site(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minigpt.cli import make_parser
+    from minigpt._cli import folder_arg, make_parser, path_arg
 
     parser = make_parser(
         "python -m minigpt site",
         "Render the executed chapters and the README to a static site.",
         "python -m minigpt site runs/site --clean",
     )
-    parser.add_argument("out", help="folder for the site (open OUT/index.html in a browser)")
+    parser.add_argument(
+        "out", type=path_arg, help="folder for the site (open OUT/index.html in a browser)"
+    )
     parser.add_argument("--clean", action="store_true", help="delete OUT first")
     parser.add_argument(
         "--chapters-dir",
-        type=Path,
+        type=folder_arg,
         default=CHAPTERS_DIR,
         help="folder holding the executed chapter notebooks (default: $MINIGPT_CHAPTERS, else "
         "the checkout's chapters/)",

@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt._progress import tqdm
 from minigpt.dora import replace_linear_with_dora
 from minigpt.lora import merge_and_unload, replace_linear_with_lora
 from minigpt.model import GPTConfig, GPTModel
-from minigpt.progress import tqdm
 from minigpt.train import choose_device
 
 TRAINING_VARIANTS = ("full", "lora", "peft-lora", "dora", "peft-dora")
@@ -452,7 +452,7 @@ def format_report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m minigpt bench [--smoke] [--repeats N] [--batch-size B] [--rank R] [--device
     D]``."""
-    from minigpt.cli import make_parser
+    from minigpt._cli import make_parser
 
     defaults = BenchSettings()
     parser = make_parser(

@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 from safetensors.torch import load as load_safetensors
 
+from minigpt._validate import UserError, check_float, check_int
 from minigpt.io import (
     DIGEST_KEY,
-    UserError,
     atomic_write_bytes,
     cache_dir,
-    check_float,
-    check_int,
     check_writable_file,
     writable_cache_dir,
 )
@@ -74,13 +72,21 @@ def _record_sha256(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _entry_problem(entry, spec: RunSpec) -> str | None:
-    """What is wrong with a lab cache entry for ``spec`` (None: it is a verified record of it)."""
+def _entry_problem(entry, spec: RunSpec, run: dict) -> str | None:
+    """What is wrong with a lab cache entry for ``spec`` (None: it is a verified record of it).
+
+    ``run`` is everything the entry's key stands for (:meth:`Lab._run_config`): the entry must
+    record the same, so a record copied from another run (another rank, recipe, ...) is refused.
+    """
     if not isinstance(entry, dict):
         return f"holds a JSON {type(entry).__name__}, not a run record"
     digest = entry.get(DIGEST_KEY)
     if not (isinstance(digest, dict) and isinstance(digest.get("record"), str)):
         return "records no digest"
+    if not isinstance(digest.get("run"), dict):
+        return "records no run configuration, so it cannot be told from another run's"
+    if digest["run"] != run:
+        return "is the record of another run (its recorded configuration differs)"
     record = {key: value for key, value in entry.items() if key != DIGEST_KEY}
     if _record_sha256(record) != digest["record"]:
         return "does not match its digest (edited or damaged)"
@@ -94,7 +100,8 @@ def _entry_problem(entry, spec: RunSpec) -> str | None:
         wanted = str if key == "method" else number
         if isinstance(value, bool) or not isinstance(value, wanted):
             return f"holds {key}={value!r}, not a {'string' if wanted is str else 'number'}"
-    if (record["method"], record["seed"], record["lr"]) != (spec.method, spec.seed, spec.lr):
+    fields = ("method", "seed", "lr", "rank", "alpha", "steps")
+    if any(record[key] != getattr(spec, key) for key in fields):
         return "is the record of another run"
     return None
 
@@ -178,7 +185,7 @@ class Lab:
             self._start = curve_point(self.base, self.data, self.eval_batches)
         return self._start
 
-    def _path(self, spec: RunSpec) -> Path:
+    def _key_config(self, spec: RunSpec) -> dict:
         config = {
             **dataclasses.asdict(spec),
             "lab": LAB_VERSION,
@@ -187,6 +194,16 @@ class Lab:
         }
         if self.device.type != "cpu":  # off the CPU only: CPU keys stay as short as they are
             config["device"] = self.device.type
+        return config
+
+    def _run_config(self, spec: RunSpec) -> dict:
+        """Everything an entry of ``spec`` stands for, as its JSON reads back: the key's fields
+        and the pretraining recipe (the cache folder's name); every entry records it."""
+        config = {**self._key_config(spec), "recipe": self.folder.name}
+        return json.loads(json.dumps(config, sort_keys=True))
+
+    def _path(self, spec: RunSpec) -> Path:
+        config = self._key_config(spec)
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"{spec.method}-{key}.json"
 
@@ -199,6 +216,7 @@ class Lab:
             DIGEST_KEY: {
                 "record": _record_sha256(record),
                 "weights": None if weights is None else hashlib.sha256(weights).hexdigest(),
+                "run": self._run_config(spec),
             },
         }
         try:
@@ -228,20 +246,29 @@ class Lab:
         model = prepare_model(
             self.base, spec.method, spec.rank, spec.alpha, spec.seed, spec.targets
         )
-        expected = {name for name, p in model.named_parameters() if p.requires_grad}
+        expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if problem is None:
             try:
                 saved = load_safetensors(data)
-                if set(saved) != expected:
+                if set(saved) != set(expected):
                     problem = "holds other tensors than the run trains"
-            except Exception as err:  # noqa: BLE001 - safetensors' own error types
-                problem = f"is not a readable safetensors file ({err})"
+                else:
+                    wrong = [
+                        f"{name} {tuple(saved[name].shape)}, not {tuple(tensor.shape)}"
+                        for name, tensor in expected.items()
+                        if saved[name].shape != tensor.shape
+                    ]
+                    if wrong:
+                        problem = f"holds tensors of other shapes than the run's ({wrong[0]})"
+                    else:
+                        model.load_state_dict(saved, strict=False)
+            except Exception as err:  # noqa: BLE001 - safetensors' and torch's own error types
+                problem = f"cannot be loaded ({err})"
         if problem is not None:
             warnings.warn(
                 f"lab cache weights {path} {problem}; the run is trained again", stacklevel=3
             )
             return None
-        model.load_state_dict(saved, strict=False)
         return model.eval()
 
     def _entry(self, spec: RunSpec) -> dict | None:
@@ -253,7 +280,7 @@ class Lab:
             return None
         try:
             entry = json.loads(path.read_bytes().decode("utf-8"))
-            problem = _entry_problem(entry, spec)
+            problem = _entry_problem(entry, spec, self._run_config(spec))
         except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
             problem = f"cannot be read ({err})"
         if problem is None:
@@ -394,7 +421,7 @@ def run_comparison(
 def main(argv: list[str] | None = None) -> int:
     """``python -m minigpt compare [--seeds N] [--json OUT] [--methods full,lora,...] [--steps N]
     [--smoke]``."""
-    from minigpt.cli import make_parser
+    from minigpt._cli import make_parser, path_arg
 
     parser = make_parser(
         "python -m minigpt compare",
@@ -415,12 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="micro model, a few steps: seconds")
     parser.add_argument(
-        "--json", default=None, help="write one record per run to this JSON file (default: none)"
+        "--json",
+        default=None,
+        type=path_arg,
+        help="write one record per run to this JSON file (default: none)",
     )
     parser.add_argument("--no-cache", action="store_true", help="recompute runs found in the cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.json:  # before the runs: a bad destination must not cost them
+    if args.json is not None:  # before the runs: a bad destination must not cost them
         try:
             check_writable_file(args.json, "--json")
         except UserError as err:
@@ -441,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     print(format_table(records))
     print(f"\n{len(records)} runs in {time.perf_counter() - start:.0f} s")
-    if args.json:
+    if args.json is not None:
         atomic_write_bytes(args.json, json.dumps(records, indent=2).encode())
         print(f"records: {args.json}")
     return 0

@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
-from minigpt.io import UserError
+from minigpt._validate import UserError
 
 # each worker holds its own torch and its own copy of the state (the base model, the data)
 MAX_WORKERS = 8

@@ -16,14 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt._validate import UserError
 from minigpt.data import encoded, make_loader, unseen_share
-from minigpt.io import (
-    DIGEST_KEY,
-    UserError,
-    cache_dir,
-    check_writable_file,
-    writable_cache_dir,
-)
+from minigpt.io import DIGEST_KEY, cache_dir, check_writable_file, writable_cache_dir
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.tokenizer import COMPACT_VOCAB_FILE, compact_vocab_sha256
 from minigpt.train import (
@@ -131,7 +126,8 @@ def pretrain(
     """
     if device is not None:
         recipe = replace(recipe, device=device)
-    if checkpoint:  # before the steps: a bad destination must not cost a finished run
+    # before the steps: a bad destination (an empty path too) must not cost a finished run
+    if checkpoint is not None:
         check_writable_file(checkpoint, "checkpoint")
     cfg = GPTConfig.from_preset(recipe.preset)
     seed_everything(recipe.seed)
@@ -158,7 +154,7 @@ def pretrain(
         ),
     )
     # written only after a finished run: a diverged one raises above and leaves the file
-    if checkpoint:
+    if checkpoint is not None:
         save_checkpoint(checkpoint, model, step=recipe.steps, extra=recipe_metadata(recipe))
     return model, history
 

@@ -48,10 +48,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save
 
+from minigpt._validate import UserError, check_float, check_int
 from minigpt.adapters import save_adapter
 from minigpt.analysis import delta_ratio
 from minigpt.dora import replace_linear_with_dora
-from minigpt.io import UserError, check_float, check_int
 from minigpt.lab.task import (
     FinetuneData,
     finetune_context,

@@ -1,8 +1,12 @@
 """Chapter checks: one copy, used both by the test suite and by the classroom grader.
 
-Each ``minigpt/checks/chNN.py`` registers functions with :func:`check`. A check receives the module
-returned by :func:`minigpt.course.chapters.import_notebook` (the notebook's own definitions) and
-raises ``AssertionError`` (or any exception) when the notebook's code is wrong.
+Each ``minigpt/classroom/checks/chNN.py`` registers functions with :func:`check`. A check receives
+the notebook's definitions -- in the test suite the module :func:`minigpt.course.source.
+import_notebook` returns, in the grader a proxy for that module in the worker
+(:mod:`minigpt.classroom.remote`) -- and raises ``AssertionError`` (or any exception) when the
+notebook's code is wrong. Every input a check uses comes from a generator it owns
+(``torch.Generator``, ``np.random.default_rng``) or a seed it sets in its own process, and expected
+values come from its own reference objects.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def layer_norm_matches_torch(nb):
         torch.testing.assert_close(
             got,
             F.layer_norm(x, shape[-1:], weight, bias, eps),
-            msg=lambda m: (
+            msg=lambda m, shape=shape, eps=eps: (
                 f"layer_norm on shape {shape} with eps={eps} differs from F.layer_norm: {m}. "
                 "Normalise over the last "
                 "dimension with the biased variance (unbiased=False) and eps inside the square root"
@@ -122,7 +122,7 @@ def shortcut_connections_keep_gradients(nb):
             torch.testing.assert_close(
                 torch.tensor(got),
                 torch.tensor(want),
-                msg=lambda m: (
+                msg=lambda m, use_shortcut=use_shortcut: (
                     f"gradient_magnitudes(shortcut={use_shortcut}) should be the mean |dL/dW| of "
                     "each layer after "
                     f"one backward pass of F.mse_loss: {m}"
@@ -181,7 +181,7 @@ def gpt_forward_matches_package(nb):
             torch.testing.assert_close(
                 nb.gpt_forward(model, idx),
                 model(idx),
-                msg=lambda m: (
+                msg=lambda m, tie=tie: (
                     f"gpt_forward (tie_weights={tie}) differs from GPTModel: {m}. Token + position "
                     "embeddings, the "
                     "blocks, ln_f, then the output head lm_head"
@@ -259,7 +259,7 @@ def generate_greedy_matches_package(nb):
         torch.testing.assert_close(
             got,
             generate(model, idx, 4, temperature=0),
-            msg=lambda m: (
+            msg=lambda m, length=length: (
                 f"generate_greedy with a prompt of {length} tokens (context "
                 f"{MICRO.context_length}) differs from "
                 f"minigpt.generate.generate(temperature=0): {m}"
@@ -325,7 +325,9 @@ def exercise_3_rms_norm_matches_torch(nb):
         torch.testing.assert_close(
             nb.exercise_3_rms_norm(x, weight, eps),
             F.rms_norm(x, shape[-1:], weight, eps),
-            msg=lambda m: f"exercise_3_rms_norm (shape {shape}, eps {eps}) != F.rms_norm: {m}",
+            msg=lambda m, shape=shape, eps=eps: (
+                f"exercise_3_rms_norm (shape {shape}, eps {eps}) != F.rms_norm: {m}"
+            ),
         )
 
 

@@ -41,7 +41,7 @@ def cross_entropy_manual_matches_torch(nb):
         torch.testing.assert_close(
             got,
             _ref_cross_entropy(logits, targets),
-            msg=lambda m: (
+            msg=lambda m, shape=shape: (
                 f"cross_entropy_manual on logits {shape} differs from F.cross_entropy: {m}. It is "
                 "the mean over all "
                 "positions of logsumexp(z) - z[target]"
@@ -156,7 +156,7 @@ def next_token_probs_applies_temperature_and_top_k(nb):
             torch.testing.assert_close(
                 got,
                 torch.softmax(z, dim=-1),
-                msg=lambda m: (
+                msg=lambda m, temperature=temperature, top_k=top_k: (
                     f"next_token_probs(T={temperature}, top_k={top_k}) is wrong: {m}. Divide by T, "
                     "keep the k "
                     "largest logits (the rest -inf), then softmax"
@@ -249,7 +249,7 @@ def exercise_4_top_p_keeps_the_nucleus(nb):
         torch.testing.assert_close(
             got,
             torch.tensor(want),
-            msg=lambda m: (
+            msg=lambda m, top_p=top_p: (
                 f"exercise_4_top_p_probs(probs [0.5, 0.05, 0.3, 0.15], top_p={top_p}) is wrong: {m}"
             ),
         )

@@ -398,7 +398,9 @@ def exercise_4_alpha_from_raschka_gives_same_output(nb):
     """exercise_4_alpha_from_raschka(alpha, rank) makes LoRALayer compute alpha * x A B (appendix
     E)."""
     for alpha, rank in ((16, 16), (8, 2), (1.5, 4)):
-        ours = seeded(710, lora_pkg.LoRALayer, 6, 5, rank, nb.exercise_4_alpha_from_raschka(alpha, rank))
+        ours = seeded(
+            710, lora_pkg.LoRALayer, 6, 5, rank, nb.exercise_4_alpha_from_raschka(alpha, rank)
+        )
         with torch.no_grad():
             ours.B.normal_(generator=torch.Generator().manual_seed(711))
             x = torch.randn(3, 6, generator=torch.Generator().manual_seed(712))

@@ -107,7 +107,7 @@ def lora_from_peft_reproduces_peft(nb):
                 want,
                 rtol=1e-6,
                 atol=1e-6,
-                msg=lambda m: (
+                msg=lambda m, use_rslora=use_rslora, rank=rank: (
                     f"outputs differ from PEFT's (use_rslora={use_rslora}, rank={rank}): {m}. "
                     "PEFT's lora_A.weight is "
                     "(rank, in) and lora_B.weight (out, rank): our A and B are their transposes"
@@ -199,7 +199,7 @@ def exercise_3_one_step_output_matches_sgd(nb):
             want,
             rtol=1e-5,
             atol=1e-6,
-            msg=lambda m: (
+            msg=lambda m, n=n, rank=rank: (
                 f"exercise_3_one_step_output differs from one SGD step (n={n}, rank={rank}): {m}. "
                 "Remember the 1/n of "
                 "the mean and that the scaling appears twice"

@@ -49,14 +49,18 @@ def pissa_split_matches_package(nb):
             scaling * (A_ref @ B_ref).T,
             rtol=1e-5,
             atol=1e-5,
-            msg=lambda m: f"scaling * (A B)^T differs from pissa_init's (scaling={scaling}): {m}",
+            msg=lambda m, scaling=scaling: (
+                f"scaling * (A B)^T differs from pissa_init's (scaling={scaling}): {m}"
+            ),
         )
         torch.testing.assert_close(
             residual,
             residual_ref,
             rtol=1e-5,
             atol=1e-5,
-            msg=lambda m: f"residual differs from pissa_init's (scaling={scaling}): {m}",
+            msg=lambda m, scaling=scaling: (
+                f"residual differs from pissa_init's (scaling={scaling}): {m}"
+            ),
         )
 
 
@@ -72,7 +76,7 @@ def pissa_split_is_the_principal_part_and_keeps_the_output(nb):
             _best_rank_r(weight, rank),
             rtol=1e-4,
             atol=1e-5,
-            msg=lambda m: (
+            msg=lambda m, rank=rank, scaling=scaling: (
                 f"scaling * (A B)^T must be the top-{rank} SVD part of W; divide the "
                 f"singular values by the scaling ({scaling}) before the square root: {m}"
             ),
@@ -128,7 +132,7 @@ def pissa_split_matches_peft(nb):
             peft_update,
             rtol=1e-5,
             atol=1e-5,
-            msg=lambda m: f"product differs from PEFT's pissa init (rank {rank}): {m}",
+            msg=lambda m, rank=rank: f"product differs from PEFT's pissa init (rank {rank}): {m}",
         )
         torch.testing.assert_close(
             residual,

@@ -28,6 +28,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def path_arg(text: str) -> str:
+    """An argparse ``type`` for a path option: an empty (or blank) path is refused, not read as
+    "none given" (which would silently use the default) nor as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
+def folder_arg(text: str):
+    """:func:`path_arg` as a :class:`~pathlib.Path`, for folder options."""
+    from pathlib import Path
+
+    return Path(path_arg(text))
+
+
 def make_parser(prog: str, description: str | None, example: str) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` for a sub-command: ``allow_abbrev=False`` (``--seed`` is not
     ``--seeds``), plain-text description, defaults in the help and ``example`` in the epilog."""
