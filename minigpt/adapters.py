@@ -44,6 +44,7 @@ from minigpt.lora import (
     is_linear_like,
     layers_or_raise,
     mark_only_lora_as_trainable,
+    method_name,
     named_targets,
     set_submodule,
 )
@@ -75,6 +76,39 @@ def adapter_size_bytes(model: nn.Module) -> tuple[int, int]:
     return adapter, sum(t.numel() * t.element_size() for t in unique.values())
 
 
+def adapter_method(layer: LinearWithLoRA) -> str:
+    """The method an adapter file records for a wrapper, from its type."""
+    return method_name(layer)
+
+
+def adapter_config(layer: LinearWithLoRA) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``layer``, read from its attributes."""
+    method = adapter_method(layer)
+    config = {
+        "method": method,
+        "rank": layer.lora.rank,
+        "alpha": layer.lora.alpha,
+        "dropout": float(getattr(layer.dropout, "p", 0.0)),
+        "use_rslora": layer.lora.use_rslora,
+    }
+    if method == "pissa":
+        config["niter"] = layer.niter
+    else:
+        config["init"] = layer.lora.init
+    if method == "dora":
+        config["detach_norm"] = layer.detach_norm
+    return config
+
+
+def shift_pissa_residual(layer: LinearWithPiSSA, A0: torch.Tensor, B0: torch.Tensor) -> None:
+    """Loading another ``A0``/``B0`` (a randomised SVD, another machine's SVD signs) moves the
+    residual so that it stays ``W − s·(A0 B0)ᵀ`` for them."""
+    weight = layer.linear.weight
+    with torch.no_grad():
+        shift = layer.A0 @ layer.B0 - A0.to(layer.A0) @ B0.to(layer.B0)
+        weight.add_((layer.scaling * shift.T).to(weight.dtype))
+
+
 def save_adapter(model: nn.Module, path: str | Path) -> None:
     """Write only the adapter tensors of ``model`` to a safetensors file, atomically.
 
@@ -82,9 +116,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     layer, the wrapper's method and constructor arguments, so :func:`load_adapter` can rebuild the
     wrappers.
     """
-    configs = {
-        name: {"method": layer.method, **layer.config} for name, layer in layers_or_raise(model)
-    }
+    configs = {name: adapter_config(layer) for name, layer in layers_or_raise(model)}
     check_writable_file(path, "adapter file")
     tensors = {
         key: value.detach().to("cpu").contiguous().clone()
@@ -202,11 +234,11 @@ def load_adapter(model: nn.Module, path: str | Path, freeze: bool = True) -> nn.
         except (TypeError, ValueError) as err:
             raise UserError(f"adapter file {path}: layer {name!r}: {err}") from err
         if isinstance(module, LinearWithLoRA):
-            if module.method != config["method"] or module.lora.rank != args["rank"]:
+            if adapter_method(module) != config["method"] or module.lora.rank != args["rank"]:
                 raise UserError(
-                    f"adapter file {path}: layer {name!r} of the model has a {module.method} "
-                    f"adapter of rank {module.lora.rank}, but the file holds a {config['method']} "
-                    f"adapter of rank {args['rank']}"
+                    f"adapter file {path}: layer {name!r} of the model has a "
+                    f"{adapter_method(module)} adapter of rank {module.lora.rank}, but the file "
+                    f"holds a {config['method']} adapter of rank {args['rank']}"
                 )
             if module.merged:
                 raise UserError(
@@ -246,6 +278,8 @@ def load_adapter(model: nn.Module, path: str | Path, freeze: bool = True) -> nn.
             module = cls(module, **args)
             set_submodule(model, name, module)
         prefix = name + "."
+        if isinstance(module, LinearWithPiSSA) and prefix + "A0" in tensors:
+            shift_pissa_residual(module, tensors[prefix + "A0"], tensors[prefix + "B0"])
         module.load_state_dict(
             {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False
         )
@@ -407,7 +441,7 @@ def export_peft(
     covered = {key for key in every if key.rsplit(".", 1)[1] in short}
     # full names when a short one selects too much
     targets = short if covered == set(ranks) else sorted(ranks)
-    dropouts = {float(layer.config.get("dropout", 0.0)) for layer in ours.values()}
+    dropouts = {adapter_config(layer)["dropout"] for layer in ours.values()}
     config = {
         "peft_type": "LORA",
         "task_type": None,

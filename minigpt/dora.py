@@ -33,7 +33,7 @@ from minigpt.lora import (
     LinearWithLoRA,
     check_flag,
     check_lora_args,
-    mergeable_weight,
+    check_mergeable,
     replace_linear_with_adapter,
 )
 
@@ -55,8 +55,6 @@ class LinearWithDoRA(LinearWithLoRA):
     The forward value is the same.
     """
 
-    method = "dora"
-
     def __init__(
         self,
         linear: nn.Module,
@@ -69,7 +67,6 @@ class LinearWithDoRA(LinearWithLoRA):
     ):
         super().__init__(linear, rank, alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         self.detach_norm = detach_norm
-        self.config["detach_norm"] = detach_norm
         with torch.no_grad():
             self.magnitude = nn.Parameter(
                 self.weight_norm(linear.weight.detach().float()).to(self.lora.A.device)
@@ -112,7 +109,8 @@ class LinearWithDoRA(LinearWithLoRA):
     def merge(self) -> None:
         """``W <- m · (W + ΔW) / ||W + ΔW||`` in place; keeps the norm so :meth:`unmerge` can undo
         it."""
-        weight = mergeable_weight(self, merged=False)
+        check_mergeable(self, merged=False)
+        weight = self.linear.weight
         with torch.no_grad():
             norm = self.weight_norm(weight)
             weight.copy_(
@@ -124,7 +122,8 @@ class LinearWithDoRA(LinearWithLoRA):
 
     def unmerge(self) -> None:
         """``W <- W' · ||W0 + ΔW|| / m − ΔW`` with the norm saved by :meth:`merge`."""
-        weight = mergeable_weight(self, merged=True)
+        check_mergeable(self, merged=True)
+        weight = self.linear.weight
         zero = torch.nonzero(self.magnitude == 0).flatten().tolist()
         if zero:
             raise UserError(

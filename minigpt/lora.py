@@ -55,44 +55,36 @@ class LoRALayer(nn.Module):
         init: str = "kaiming",
     ):
         super().__init__()
-        self.rank, self.alpha, self.use_rslora, self.init = rank, alpha, use_rslora, init
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.init = check_init(init)
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
         self.A = nn.Parameter(torch.empty(in_dim, rank))
         self.B = nn.Parameter(torch.zeros(rank, out_dim))
         with torch.no_grad():
-            # PEFT's kaiming_uniform_(a=√5) with fan-in in_dim: U(-1/√in_dim, 1/√in_dim)
-            if init == "kaiming":
+            if init == "kaiming":  # PEFT's default: kaiming_uniform_(a=√5), U(±1/√in_dim)
                 self.A.uniform_(-1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim))
-            # "gaussian": the paper's random Gaussian A, std 1/rank (PEFT's
-            # init_lora_weights="gaussian")
-            else:
+            else:  # the paper's Gaussian A, std 1/rank (PEFT's init_lora_weights="gaussian")
                 self.A.normal_(0.0, 1 / rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # BEGIN SOLUTION hint: multiply x by A, scale by self.scaling, then multiply by B
-        # scaling the rank-r middle: r, not out, numbers per row
-        return (self.scaling * (x @ self.A)) @ self.B
+        return (self.scaling * (x @ self.A)) @ self.B  # scaling the rank-r middle: fewer numbers
         # END SOLUTION
 
     def extra_repr(self) -> str:
         return (
             f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.rank}, "
-            f"alpha={self.alpha:g}, "
-            f"scaling={self.scaling:g}"
+            f"alpha={self.alpha:g}, scaling={self.scaling:g}"
         )
 
 
 class LinearWithLoRA(nn.Module):
     """A frozen linear layer plus a LoRA update: ``linear(x) + lora(dropout(x))`` (LoRA eq. (3)).
 
-    ``linear`` is any module with ``in_features``/``out_features`` computing ``W0 x + b``
-    (``nn.Linear``, or ``minigpt.quant.QuantizedLinear``, which cannot be merged into). Dropout acts
-    on the adapter's input only, as in PEFT. After :meth:`merge` the update lives in
-    ``linear.weight`` and the forward is ``linear(x)``. Everything of the wrapper but ``linear`` is
-    the adapter: that is what trains and what an adapter file holds.
+    Dropout acts on the adapter's input only, as in PEFT. After :meth:`merge` the update lives in
+    ``linear.weight`` and the forward is ``linear(x)``. Everything but ``linear`` is the adapter:
+    what trains and what an adapter file holds.
     """
-
-    method = "lora"
 
     def __init__(
         self,
@@ -104,25 +96,13 @@ class LinearWithLoRA(nn.Module):
         init: str = "kaiming",
     ):
         super().__init__()
-        if isinstance(linear, LinearWithLoRA):
-            raise UserTypeError(
-                "linear already has an adapter: a wrapper around a wrapper would leave the inner "
-                "adapter out of merges and adapter files; wrap the plain layer (.linear) instead"
-            )
-        self.linear, self.in_features, self.out_features = (
-            linear,
-            linear.in_features,
-            linear.out_features,
-        )
-        self.lora = LoRALayer(
-            linear.in_features, linear.out_features, rank, alpha, use_rslora, init
-        )
-        self.lora.to(device_of(linear))
+        check_wrappable(linear)
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.lora = LoRALayer(self.in_features, self.out_features, rank, alpha, use_rslora, init)
+        self.lora.to(linear.weight.device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.config = dict(
-            rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init
-        )
 
     @property
     def scaling(self) -> float:
@@ -132,60 +112,57 @@ class LinearWithLoRA(nn.Module):
         out = self.linear(x)
         if self.merged:
             return out
-        # adapters stay float32 on a float16/bfloat16 base (as in PEFT): compute in theirs, add in
-        # the base's
+        # adapters stay float32 on a bf16 base (as in PEFT): compute in theirs, add in the base's
         return out + self.lora(self.dropout(x.to(self.lora.A.dtype))).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in ``nn.Linear``'s (out_features, in_features) layout: ``scaling · (A B)ᵀ``."""
         return self.scaling * (self.lora.A @ self.lora.B).T
 
-    # merging (LoRA section 4.1, "no additional inference latency"): store W = W0 + ΔW
+    # LoRA section 4.1, "no additional inference latency": store W = W0 + ΔW
     def merge(self) -> None:
-        """``W <- W + scaling·(A B)ᵀ`` in place; the forward becomes ``linear(x)``."""
-        weight = mergeable_weight(self, merged=False)
+        check_mergeable(self, merged=False)
         with torch.no_grad():
-            weight.add_(self.delta_weight().to(weight.dtype))
+            self.linear.weight += self.delta_weight().to(self.linear.weight.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``W <- W - scaling·(A B)ᵀ``."""
-        weight = mergeable_weight(self, merged=True)
+        check_mergeable(self, merged=True)
         with torch.no_grad():
-            weight.sub_(self.delta_weight().to(weight.dtype))
+            self.linear.weight -= self.delta_weight().to(self.linear.weight.dtype)
         self.merged = False
 
-    def extra_repr(self) -> str:
-        return f"method={self.method!r}, merged={self.merged}"
+
+def check_wrappable(linear: nn.Module) -> None:
+    """A wrapper around a wrapper would leave the inner adapter out of merges and adapter files."""
+    if isinstance(linear, LinearWithLoRA):
+        raise UserTypeError(
+            "linear already has an adapter: a wrapper around a wrapper would leave the inner "
+            "adapter out of merges and adapter files; wrap the plain layer (.linear) instead"
+        )
 
 
-def device_of(module: nn.Module) -> torch.device:
-    tensor = next(iter(module.state_dict().values()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+def method_name(layer: LinearWithLoRA) -> str:
+    """``lora``, ``pissa`` or ``dora``: the wrapper's method, from its class name."""
+    return type(layer).__name__.removeprefix("LinearWith").lower()
 
 
-def mergeable_weight(layer: LinearWithLoRA, merged: bool) -> nn.Parameter:
-    """The base weight merge/unmerge write to, refusing what would silently give a wrong weight."""
+def check_mergeable(layer: LinearWithLoRA, merged: bool, name: str = "layer") -> None:
+    """Refuse what would silently give a wrong weight: merging twice, unmerging what is not merged,
+    or merging into a base that does not store its weight (a quantised layer)."""
     if layer.merged != merged:
         raise UserError(
-            "this layer's adapter is already merged (merging twice adds the update twice); call "
-            "unmerge first"
+            f"{name}: the adapter is already merged (merging twice adds the update twice); "
+            "call unmerge first"
             if layer.merged
-            else "this layer's adapter is not merged; nothing to unmerge"
+            else f"{name}: the adapter is not merged; nothing to unmerge"
         )
-    weight = getattr(layer.linear, "weight", None)
-    if not isinstance(weight, nn.Parameter):
+    if not isinstance(getattr(layer.linear, "weight", None), nn.Parameter):
         raise UserTypeError(
-            f"merge needs a base layer that stores its weight as an nn.Parameter (nn.Linear); "
-            f"{type(layer.linear).__name__} does not (a quantised base cannot absorb the update: "
-            "keep "
-            "the adapter separate, or dequantise the base into an nn.Linear first)"
+            f"{name}: merge needs a base layer that stores its weight as an nn.Parameter "
+            f"(nn.Linear); {type(layer.linear).__name__} does not (a quantised base cannot absorb "
+            "the update: keep the adapter separate, or dequantise the base into an nn.Linear first)"
         )
-    return weight
-
-
-# ----------------------------------------------------------------------------- what belongs to an
-# adapter
 
 
 def adapter_parameters(layer: LinearWithLoRA) -> list[nn.Parameter]:
@@ -338,8 +315,8 @@ def select_targets(
     for n, m in selected:
         if isinstance(m, LinearWithLoRA):
             raise UserError(
-                f"layer {n!r} already has a {m.method} adapter; wrapping it again is not supported "
-                "(target_modules must name plain linear layers)"
+                f"layer {n!r} already has a {method_name(m)} adapter; wrapping it again is not "
+                "supported (target_modules must name plain linear layers)"
             )
     return selected
 
@@ -470,6 +447,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise UserError(f"adapters already merged in {merged}; call unmerge_lora first")
+    for name, layer in layers:
+        check_mergeable(layer, merged=False, name=name)
     for _, layer in layers:
         layer.merge()
     return model
@@ -483,7 +462,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     PEFT's ``merge_and_unload``); the adapters are gone, so unlike :func:`merge_lora` this cannot be
     undone.
     """
-    for name, layer in layers_or_raise(model):
+    layers = layers_or_raise(model)
+    for name, layer in layers:
+        if not layer.merged:
+            check_mergeable(layer, merged=False, name=name)
+    for name, layer in layers:
         if not layer.merged:
             layer.merge()
         set_submodule(model, name, layer.linear)
@@ -496,6 +479,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     unmerged = [name for name, layer in layers if not layer.merged]
     if unmerged:
         raise UserError(f"adapters not merged in {unmerged}; call merge_lora first")
+    for name, layer in layers:
+        check_mergeable(layer, merged=True, name=name)
     for _, layer in layers:
         layer.unmerge()
     return model

@@ -90,8 +90,6 @@ class LinearWithPiSSA(LinearWithLoRA):
     keeps the original values.
     """
 
-    method = "pissa"
-
     def __init__(
         self,
         linear: nn.Module,
@@ -109,22 +107,7 @@ class LinearWithPiSSA(LinearWithLoRA):
         linear.weight = nn.Parameter(residual, requires_grad=linear.weight.requires_grad)
         self.register_buffer("A0", A.to(self.lora.A.device).clone())
         self.register_buffer("B0", B.to(self.lora.B.device).clone())
-        self.config = dict(
-            rank=rank, alpha=alpha, niter=niter, use_rslora=use_rslora, dropout=dropout
-        )
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Loading another ``A0``/``B0`` (a randomised SVD, another machine's SVD signs) moves the
-        residual so that it stays ``W − s·(A0 B0)ᵀ`` for them. A full state dict overwrites
-        ``linear.weight`` afterwards (torch loads a module before its children), so the shift only
-        matters for adapter files."""
-        A0, B0 = state_dict.get(prefix + "A0"), state_dict.get(prefix + "B0")
-        if A0 is not None and B0 is not None:
-            weight = self.linear.weight
-            with torch.no_grad():
-                shift = self.A0 @ self.B0 - A0.to(self.A0) @ B0.to(self.B0)
-                weight.add_((self.scaling * shift.T).to(weight.dtype))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.niter = niter
 
 
 def check_niter(niter: object) -> int | None:
@@ -210,7 +193,7 @@ def pissa_to_lora(model: nn.Module) -> nn.Module:
             A, B = pissa_to_lora_weights(layer.lora.A, layer.lora.B, layer.A0, layer.B0)
         alpha = s * (math.sqrt(2 * rank) if rslora else 2 * rank)  # same scaling at twice the rank
         lora = LinearWithLoRA(
-            linear, 2 * rank, alpha, dropout=layer.config["dropout"], use_rslora=rslora
+            linear, 2 * rank, alpha, dropout=getattr(layer.dropout, "p", 0.0), use_rslora=rslora
         )
         with torch.no_grad():
             lora.lora.A.copy_(A)

@@ -247,14 +247,7 @@ class QuantizedLinear(nn.Module):
         double_quant: bool = False,
     ):
         super().__init__()
-        check_method(method)
-        check_block_size(block_size)
-        check_block_size(in_features, "in_features")
-        check_block_size(out_features, "out_features")
-        if double_quant and method != "nf4":
-            raise UserError(
-                f"double_quant is only available with method='nf4', got method={method!r}"
-            )
+        check_quantized_args(in_features, out_features, method, block_size, double_quant)
         self.in_features, self.out_features = in_features, out_features
         self.method, self.block_size, self.double_quant = method, block_size, double_quant
         # buffers: codes; scales (int8: absmax / 127, nf4: absmax) or, with double_quant, their int8
@@ -287,9 +280,7 @@ class QuantizedLinear(nn.Module):
         double_quant: bool = False,
     ) -> "QuantizedLinear":
         """Quantise ``linear.weight`` (bias kept in float32) on the weight's device."""
-        if not isinstance(linear, nn.Linear):
-            raise UserTypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        check_float_tensor(linear.weight, "linear.weight")
+        check_linear(linear)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -355,6 +346,26 @@ class QuantizedLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model helpers
+
+
+def check_quantized_args(
+    in_features: int, out_features: int, method: str, block_size: int, double_quant: bool
+) -> None:
+    """The arguments of a :class:`QuantizedLinear`, each named when it is wrong."""
+    check_method(method)
+    check_block_size(block_size)
+    check_block_size(in_features, "in_features")
+    check_block_size(out_features, "out_features")
+    if double_quant and method != "nf4":
+        raise UserError(f"double_quant is only available with method='nf4', got method={method!r}")
+
+
+def check_linear(linear: nn.Module) -> None:
+    """What :meth:`QuantizedLinear.from_linear` quantises: an ``nn.Linear`` with finite float
+    weights."""
+    if not isinstance(linear, nn.Linear):
+        raise UserTypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+    check_float_tensor(linear.weight, "linear.weight")
 
 
 def replace_linear_with_quantized(

@@ -415,6 +415,27 @@ def test_the_checks_phase_has_one_deadline(tmp_path):
     assert outcomes[-1].message == "the time for all checks (6 s) ran out"
 
 
+def test_checks_stop_when_the_folder_grows_past_its_cap(tmp_path, monkeypatch):
+    import minigpt.classroom.grader as grader
+
+    monkeypatch.setattr(grader, "FOLDER_LIMIT", 2**20)
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    source = "def matrix_rank(M, tol=None):\n    open('fill.bin', 'wb').write(b'x' * 2**21)\n"
+    submission = save(notebook(source), sandbox / "s.ipynb")
+    checks = checks_for("01")
+    outcomes, problems = run_checks(
+        submission, checks, sandbox, check_timeout=30, checks_timeout=120, isolation="none"
+    )
+    assert outcomes[0].status == "failed" and len(outcomes) == len(checks)
+    assert all(
+        o.message == "the notebook wrote more than 1 MiB into its folder" for o in outcomes[1:]
+    )
+    assert problems == [
+        "the notebook wrote more than 1 MiB into its folder; the checks were stopped"
+    ]
+
+
 def test_sandbox_refuses_changes_outside_its_folder(tmp_path):
     outside = tmp_path / "outside"
     (outside / "tree").mkdir(parents=True)
