@@ -25,13 +25,13 @@ def smoke_mode() -> bool:
 
 # What the course sets when other processes already keep the cores busy: OpenMP threads that sleep
 # while they wait instead of spinning, and only as many threads as there are cores left (at least
-# one). Measured on 2 cores next to one busy training process (scripts/load_test.py, README "Under
-# load"), with this round's bf16 steps: pretraining steps run at 1/2.0 of the default's idle speed
-# with one passive thread (1/7.4 with the defaults), the lab's small fine-tuning steps at 1/1.9
-# (1/4.8 with the defaults; 1/3.2 with two passive threads). On idle cores both cost speed (PASSIVE
-# 15-30 %, one thread ~40 %), which is why nothing is set then. OpenMP reads these once, when torch
-# is imported, so they are decided before that: by ``python -m minigpt`` (the course's notebook
-# kernels inherit them) and by each chapter's first code cell. None: cores left, see below
+# one). Measured on 2 cores next to one busy training process (scripts/load_test.py,
+# docs/results.md, "Under load"), with bf16 steps: pretraining steps run at 1/2.0 of the default's
+# idle speed with one passive thread (1/7.4 with the defaults), the lab's small fine-tuning steps at
+# 1/1.9 (1/4.8 with the defaults; 1/3.2 with two passive threads). On idle cores both cost speed
+# (PASSIVE 15-30 %, one thread ~40 %), which is why nothing is set then. OpenMP reads these once,
+# when torch is imported, so they are decided before that: by ``python -m minigpt`` (the course's
+# notebook kernels inherit them) and by each chapter's first code cell. None: cores left, see below
 CPU_THREAD_SETTINGS = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "OMP_NUM_THREADS": None,

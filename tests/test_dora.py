@@ -241,7 +241,7 @@ def test_detach_norm_changes_gradients_not_outputs(in_f, out_f, seed):
 
 
 def test_zero_norm_row_stays_finite_where_peft_gives_nan(peft_twin):
-    """Issue 15 (peft#2049): an all-zero weight row has no direction. We floor the norm at
+    """peft#2049: an all-zero weight row has no direction. We floor the norm at
     torch.finfo.tiny (documented in minigpt.dora); PEFT 0.21 divides 0 by 0. Other rows agree with
     PEFT; ours stays finite through the forward, a training step, merge and unmerge."""
     base = toy()

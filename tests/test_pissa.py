@@ -326,7 +326,7 @@ def test_pissa_needs_a_real_weight():
 
 
 def test_converted_adapter_with_2r_above_min_features_saves_and_loads(tmp_path):
-    """Issue 13: rank 2r = 12 > min(12, 10) must round-trip through an adapter file on the original
+    """Rank 2r = 12 > min(12, 10) must round-trip through an adapter file on the original
     model."""
     base = toy()
     trained = train_a_little(

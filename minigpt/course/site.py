@@ -75,14 +75,19 @@ def prepare_notebook(path: Path) -> nbformat.NotebookNode:
     return nb
 
 
-def landing_page(readme: Path, chapters: list[Path]) -> str:
-    """The README, followed by the (hidden) table of contents that orders the chapters."""
+def landing_page(readme: Path, chapters: list[Path], guides: list[Path] = ()) -> str:
+    """The README, followed by the (hidden) tables of contents that order the chapters and the
+    guides of ``docs/`` the README links to."""
     toc = "\n".join(f"chapters/{p.stem}" for p in chapters)
-    return (
+    page = (
         readme.read_text(encoding="utf-8").rstrip()
         + "\n\n"
         + f"```{{toctree}}\n:hidden:\n:caption: Chapters\n:maxdepth: 1\n\n{toc}\n```\n"
     )
+    if guides:
+        listed = "\n".join(f"docs/{p.stem}" for p in guides)
+        page += f"\n```{{toctree}}\n:hidden:\n:caption: Guides\n:maxdepth: 1\n\n{listed}\n```\n"
+    return page
 
 
 def build_site(
@@ -106,7 +111,11 @@ def build_site(
         src = Path(tmp) / "src"
         (src / "chapters").mkdir(parents=True)
         (src / "conf.py").write_text(CONF, encoding="utf-8")
-        (src / "index.md").write_text(landing_page(readme, chapters), encoding="utf-8")
+        guides = sorted((readme.parent / "docs").glob("*.md"))
+        (src / "docs").mkdir()
+        for guide in guides:
+            shutil.copyfile(guide, src / "docs" / guide.name)
+        (src / "index.md").write_text(landing_page(readme, chapters, guides), encoding="utf-8")
         (src / "downloads").mkdir()
         for path in chapters:
             nbformat.write(prepare_notebook(path), src / "chapters" / path.name)

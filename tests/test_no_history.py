@@ -1,0 +1,48 @@
+"""What a user reads describes the course as it is: no development history (git holds that) in the
+README, the docs, the chapters (text, code and saved outputs), the package and the tests."""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HISTORY = re.compile(
+    r"\bthis round\b|\bprevious round\b|\blast round\b|\bthe round before\b"
+    r"|\bearlier versions? of\b"
+    r"|\bthe committed run\b|\bissue \d+|\bissue #\d+|\bgoal reached\b|(?-i:\bMISS\b)",
+    re.IGNORECASE,
+)
+
+
+def history_phrases(text: str) -> list[str]:
+    return [m.group(0) for m in HISTORY.finditer(text)]
+
+
+def readable_texts() -> dict[str, str]:
+    texts = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in [ROOT / "README.md"]}
+    for pattern in ("docs/*.md", "minigpt/**/*.py", "tests/*.py", "scripts/*.py"):
+        for path in sorted(ROOT.glob(pattern)):
+            if path.name != Path(__file__).name:
+                texts[str(path.relative_to(ROOT))] = path.read_text(encoding="utf-8")
+    for path in sorted((ROOT / "chapters").glob("*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        for index, cell in enumerate(nb["cells"]):
+            parts = ["".join(cell["source"])]
+            for output in cell.get("outputs", []):
+                text = output.get("text", output.get("data", {}).get("text/plain", ""))
+                parts.append("".join(text) if isinstance(text, list) else str(text))
+            texts[f"{path.name} cell {index}"] = "\n".join(parts)
+    return texts
+
+
+def test_the_finder_finds_history():
+    assert history_phrases("As in the previous round, LoRA wins (issue 12).") == [
+        "previous round",
+        "issue 12",
+    ]
+    assert history_phrases("The previous layer's output feeds the next one.") == []
+
+
+def test_nothing_a_user_reads_speaks_of_the_projects_history():
+    found = {where: history_phrases(text) for where, text in readable_texts().items()}
+    assert {where: phrases for where, phrases in found.items() if phrases} == {}
