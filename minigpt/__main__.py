@@ -218,7 +218,15 @@ def _main(argv: list[str]) -> int:
         module, function, _ = DELEGATED[argv[0]]
         return getattr(importlib.import_module(f"minigpt.{module}"), function)(argv[1:])
     from minigpt import __version__
-    from minigpt._cli import HelpFormatter, folder_arg, make_parser, path_arg, plain
+    from minigpt._cli import (
+        HelpFormatter,
+        folder_arg,
+        github_repository,
+        make_parser,
+        path_arg,
+        plain,
+        positive_int,
+    )
     from minigpt.course.chapters import CHAPTERS_DIR, CHAPTERS_ENV
     from minigpt.course.colab import REPOSITORY_URL
 
@@ -259,10 +267,10 @@ def _main(argv: list[str]) -> int:
         "--smoke", action="store_true", help="tiny sizes and few steps (seconds per chapter)"
     )
     p.add_argument(
-        "--chapters", nargs="*", help="chapter numbers to run, e.g. 01 05 (default: all)"
+        "--chapters", nargs="+", help="chapter numbers to run, e.g. 01 05 (default: all)"
     )
     p.add_argument("--chapters-dir", default=CHAPTERS_DIR, type=folder_arg, help=chapters_help)
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument("--timeout", type=positive_int, default=1800, help="seconds per cell")
 
     p = command("train", cmd_train, "python -m minigpt train --smoke --out runs/smoke.safetensors")
     p.add_argument(
@@ -309,6 +317,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument(
         "--repository",
         default=REPOSITORY_URL,
+        type=github_repository,
         help="GitHub address the Colab badges and setup cells point at (a fork sets its own)",
     )
     p.add_argument("--chapters-dir", default=CHAPTERS_DIR, type=folder_arg, help=chapters_help)

@@ -43,6 +43,32 @@ def folder_arg(text: str):
     return Path(path_arg(text))
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for a count or a number of seconds: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def github_repository(text: str) -> str:
+    """An argparse ``type`` for a repository address: ``https://github.com/OWNER/NAME``, which the
+    Colab badges and the setup cell's ``git clone`` both need."""
+    import re
+
+    address = text.strip().removesuffix(".git")
+    if not re.fullmatch(
+        r"https://github\.com/[A-Za-z0-9](?:[A-Za-z0-9-]*)/[A-Za-z0-9._-]+", address
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a GitHub repository address like https://github.com/OWNER/NAME"
+        )
+    return address
+
+
 def make_parser(prog: str, description: str | None, example: str) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` for a sub-command: ``allow_abbrev=False`` (``--seed`` is not
     ``--seeds``), plain-text description, defaults in the help and ``example`` in the epilog."""

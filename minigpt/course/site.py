@@ -107,10 +107,15 @@ def build_site(
     chapters = chapter_paths(chapters_dir)
     if not chapters:
         raise FileNotFoundError(chapters_missing_message(chapters_dir))
+    if not readme.is_file():  # an installed package: the checkout's README sits beside the chapters
+        readme = Path(chapters_dir).resolve().parent / "README.md"
     with tempfile.TemporaryDirectory(prefix="minigpt-site-") as tmp:
         src = Path(tmp) / "src"
         (src / "chapters").mkdir(parents=True)
         (src / "conf.py").write_text(CONF, encoding="utf-8")
+        if not readme.is_file():  # chapters on their own: a plain landing page
+            readme = Path(tmp) / "README.md"
+            readme.write_text("# minigpt-lora\n\nThe chapters of the course.\n", encoding="utf-8")
         guides = sorted((readme.parent / "docs").glob("*.md"))
         (src / "docs").mkdir()
         for guide in guides:

@@ -501,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
         choose_device(args.device)
     except ValueError as err:
         parser.error(str(err))
+    try:
+        import peft  # noqa: F401 - the bench compares against it
+    except ImportError:
+        parser.error(
+            "the bench compares against peft, which is not installed: pip install '.[notebooks]'"
+        )
     start = time.perf_counter()
     result = run_benchmarks(settings, args.device, progress=not args.no_progress)
     print(format_report(result))
