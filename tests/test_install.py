@@ -122,7 +122,7 @@ def test_the_wheel_carries_its_dependencies_and_data_and_works_outside_the_check
     for extra in ("notebooks", "site", "test", "all"):
         assert f"Provides-Extra: {extra}" in metadata
     assert "minigpt/assets/compact_vocab.json" in names
-    for module in ("course/colab_install.py", "lab/lab.py", "classroom/grader.py", "cli.py"):
+    for module in ("course/colab_install.py", "lab/lab.py", "classroom/grader.py", "_cli.py"):
         assert f"minigpt/{module}" in names, module
     assert "minigpt = minigpt.__main__:main" in scripts
 

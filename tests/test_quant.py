@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.classroom.checks.ch10 import PAPER_NF4
 from minigpt.model import GPTConfig, GPTModel
 from minigpt.quant import (
     QuantizedLinear,
@@ -21,25 +22,9 @@ from minigpt.quant import (
     replace_linear_with_quantized,
 )
 
-# QLoRA (arXiv:2305.14314) Appendix E / bitsandbytes: the published NF4 data type
-PUBLISHED_NF4 = [
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-]
+# QLoRA (arXiv:2305.14314) Appendix E / bitsandbytes: the published NF4 data type, kept once
+# beside the chapter 10 check that compares a student's levels with it
+PUBLISHED_NF4 = list(PAPER_NF4)
 SHAPES_AND_BLOCKS = [((32, 48), 64), ((7, 13), 64), ((5, 11), 7), ((100,), 16), ((3, 4, 5), 1)]
 
 
