@@ -13,12 +13,15 @@ import json
 import re
 import shutil
 import time
+import warnings
 
 import nbformat
 import pytest
 
 from minigpt.classroom.checks import checks_for
 from minigpt.classroom.grader import grade_notebook, run_checks
+from minigpt.classroom.inputs import read_notebook_bytes
+from minigpt.classroom.report import CellError, CheckResult, Execution, GradeReport
 from minigpt.classroom.sandbox import bwrap_available
 from minigpt.classroom.student import (
     DEFAULT_HINT,
@@ -616,3 +619,36 @@ def test_course_student_notebooks_and_grade_read_chapter_6_alike(tmp_path, monke
         )
         assert code == 0 and [p.name for p in (tmp_path / spelling).iterdir()] == ["06_lora.ipynb"]
     assert [c.name for c in checks_for(6)] == [c.name for c in checks_for("06")]
+
+
+def test_a_cell_that_raised_is_not_full_marks():
+    checks = [CheckResult("a", "a check", 2, points=2, status="passed")]
+    run = Execution("completed", "", 1.0, 3, 3)
+    assert GradeReport("x.ipynb", "01", checks, run).passed
+    run.errors = [CellError(2, "id", "raise", "RuntimeError", "boom")]
+    report = GradeReport("x.ipynb", "01", checks, run)
+    assert not report.passed and report.points == report.possible
+    assert "crashed in cell 2" in report.format_text()
+
+
+def test_duplicate_cell_ids_are_repaired_quietly():
+    nb = notebook("x = 1", "y = 2", "z = 3")
+    raw = json.loads(nbformat.writes(nb))
+    for cell in raw["cells"]:
+        cell["id"] = "same"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = read_notebook_bytes(json.dumps(raw).encode())
+    assert not caught, [str(w.message) for w in caught]
+    assert len({c.id for c in read.cells}) == 3
+
+
+def test_a_minigpt_folder_where_the_grader_starts_does_not_shadow_the_package(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "minigpt").mkdir()
+    (tmp_path / "minigpt" / "__init__.py").write_text("raise SystemExit(7)\n")
+    (tmp_path / "01_x.ipynb").write_text("{")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli(grade_main, ["01_x.ipynb", "--isolation", "none"])
+    assert code == 1 and "not valid JSON" in stdout, stdout + stderr

@@ -5,22 +5,27 @@ that a grading takes seconds): it must score no more than the handout itself, ch
 its folder (under bubblewrap; ``none`` is documented as not isolated) and leave no process behind
 (bubblewrap)."""
 
+import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from minigpt.classroom.checks import checks_for
+from minigpt.classroom.gradebook import Graded, grade_all, write_gradebook
 from minigpt.classroom.grader import grade_notebook
-from minigpt.classroom.sandbox import bwrap_available
+from minigpt.classroom.sandbox import bwrap_available, checkout_copies
 from minigpt.classroom.student import grade_main, make_student_notebook
 from minigpt.course.chapters import CHAPTERS_DIR, read_notebook
-from minigpt.course.source import definitions_source
+from minigpt.course.source import definitions_source, import_notebook
 
 CH01 = CHAPTERS_DIR / "01_rank_and_low_rank.ipynb"
 POSSIBLE = sum(c.points for c in checks_for("01"))
@@ -274,6 +279,35 @@ def exercise_4_nuclear_and_frobenius(M):
     ],
     # the same forgery, then the kernel dies
     "forged_report_then_crash": [DISABLE_HOOK, FORGE_PARENT, "_forge_parent()\n_os._exit(0)"],
+    # a borrowed function whose origin report is silenced from a class body
+    "forged_origin": [
+        "from numpy.linalg import matrix_rank",
+        """
+class _Quiet:
+    import sys
+    for _m in ("__main__", "minigpt.classroom.worker"):
+        if _m in sys.modules:
+            sys.modules[_m]._origin = lambda value, notebook_file: None
+""",
+    ],
+    # the grading process killed from the worker (its parent), with and without the audit hook
+    "kill_grader": [
+        """
+class _Kill:
+    import ctypes, os, signal, sys
+    if "serve" in sys.argv:
+        try:
+            signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+        ctypes.CDLL(None).kill(os.getppid(), 9)
+"""
+    ],
+    # a raising cell hidden by a custom exception handler
+    "hide_errors": [
+        "get_ipython().set_custom_exc((BaseException,), lambda *a, **k: None)",
+        "raise RuntimeError('this notebook crashes here')",
+    ],
     # files written into the notebook's folder until the grader stops it
     "fills_its_folder": [
         """
@@ -392,6 +426,12 @@ def test_attack_scores_no_more_than_the_handout(
         assert points < handout_points[level] and (
             "borrowed" in text or "could not be imported" in text
         ), text
+    if attack == "forged_origin":
+        assert re.search(r"borrowed +0/1 +matrix_rank", text), text
+    if attack == "kill_grader" and level == "none":
+        assert "the grading process was killed" in text, text
+    if attack == "hide_errors":
+        assert "RuntimeError" in text and "crashed in cell" in text, text
     if level == "bwrap":
         assert snapshot(outside) == before_outside, (
             "bubblewrap let the notebook write outside its folder"
@@ -418,3 +458,154 @@ def test_time_limits_must_be_finite_and_positive(value, tmp_path):
     nbformat.write(nbformat.v4.new_notebook(), path)
     for option in ("--timeout", "--check-timeout"):
         assert grade_main([str(path), option, value]) == 2
+
+
+def test_reference_copies_in_the_checkout_are_hidden():
+    hidden = {p.name for p in checkout_copies()}
+    checkout = CHAPTERS_DIR.resolve().parent
+    assert {".git", "chapters"} <= hidden or not (checkout / ".git").exists()
+    assert "minigpt" not in hidden
+    for name in ("runs", "tests", "docs"):
+        assert name in hidden or not (checkout / name).is_dir()
+
+
+# answers read from the checkout's git objects (where the reference chapter is committed)
+GIT_READER = """
+def exercise_2_compression_ratio(d, k, r):
+    import os, minigpt
+    git = os.path.join(os.path.dirname(os.path.dirname(minigpt.__file__)), ".git")
+    chapters = os.path.join(os.path.dirname(os.path.dirname(minigpt.__file__)), "chapters")
+    if any(os.path.isdir(p) and os.listdir(p) for p in (git, chapters)):
+        return d * k / (r * (d + k))
+    raise NotImplementedError("the reference is out of reach")
+"""
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_checkout_reference_is_out_of_reach_under_bwrap(level, handout_cells, tmp_path):
+    if not (CHAPTERS_DIR.resolve().parent / ".git").is_dir():
+        pytest.skip("not a git checkout")
+    path = write_notebook(tmp_path / "class", handout_cells, [GIT_READER], tmp_path)
+    report = grade_notebook(path, isolation=level, **FAST)
+    check = next(c for c in report.checks if c.name.startswith("exercise_2"))
+    # bubblewrap hides the checkout's .git and chapters/; "none" cannot (README: not isolated)
+    assert check.points == (0 if level == "bwrap" else check.possible), report.format_text()
+
+
+# a classmate's notebook read from the shared folder, and a minigpt.py that would shadow the package
+CLASSMATE = """
+def _classmate():
+    import glob, os, sys
+    from minigpt.course.source import import_notebook
+    for path in sorted(glob.glob("*.ipynb")):
+        try:
+            module = import_notebook(path, name="classmate")
+            module.exercise_3_break_even_rank(4, 4)
+            return module
+        except Exception:
+            continue
+    raise NotImplementedError("no classmate")
+
+def exercise_2_compression_ratio(d, k, r):
+    return _classmate().exercise_2_compression_ratio(d, k, r)
+
+def exercise_3_break_even_rank(d, k):
+    return _classmate().exercise_3_break_even_rank(d, k)
+"""
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_shared_folder_does_not_expose_other_submissions(
+    level, handout_cells, handout_points, tmp_path
+):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    shutil.copy(CH01, folder / "bob.ipynb")
+    (folder / "minigpt.py").write_text("raise SystemExit('a student module shadowed minigpt')\n")
+    alice = write_notebook(folder, handout_cells, [CLASSMATE], tmp_path)
+    alice = alice.rename(folder / "alice.ipynb")
+    report = grade_notebook(alice, "01", isolation=level, **FAST)
+    assert report.points == handout_points[level], report.format_text()
+
+
+def test_a_killed_grading_process_costs_only_its_row(handout_cells, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    killer = write_notebook(tmp_path / "dave", handout_cells, ATTACKS["kill_grader"], tmp_path)
+    shutil.copy(CH01, tmp_path / "alice.ipynb")
+    options = {"chapter": "01", "isolation": "none", **FAST}
+    results = grade_all([(Path(killer), "dave"), (tmp_path / "alice.ipynb", "alice")], options, 2)
+    dave, alice = results
+    assert alice.exit_status == 0 and alice.report["points"] == POSSIBLE
+    assert dave.exit_status == 1 and dave.report["points"] == 0
+    assert "the grading process was killed" in dave.report["problems"][0]
+    assert list((tmp_path / "tmp").iterdir()) == [], "a sandbox folder was left behind"
+
+
+def _checks(chapter, *names):
+    return [c for c in checks_for(chapter) if c.name in names]
+
+
+def test_expected_values_never_come_from_the_notebooks_own_weights():
+    """Layers that zero their own weights and compute nothing: every check whose expected value
+    could follow the layer's weights must still fail."""
+    import torch
+
+    ch03 = import_notebook(CHAPTERS_DIR / "03_attention.ipynb", name="zero03")
+    for cls in (ch03.SelfAttention, ch03.CausalAttention, ch03.MultiHeadAttention):
+        init = cls.__init__
+
+        def zeroed(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.zero_()
+
+        cls.__init__ = zeroed
+        cls.forward = lambda self, x: torch.zeros(*x.shape[:-1], self.W_value.out_features)
+    ch03.fused_multi_head_attention = lambda mha, x: torch.zeros(*x.shape[:-1], 16)
+    ch06 = import_notebook(CHAPTERS_DIR / "06_lora.ipynb", name="zero06")
+    init = ch06.LoRALayer.__init__
+
+    def zero_a(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        with torch.no_grad():
+            self.A.zero_()
+
+    ch06.LoRALayer.__init__ = zero_a
+    ch06.LoRALayer.forward = lambda self, x: 0.0 * (x @ self.A @ self.B)
+    ch04 = import_notebook(CHAPTERS_DIR / "04_gpt_model.ipynb", name="zero04")
+    deep_init = ch04.DeepNet.__init__
+
+    def zero_deep(self, *args, **kwargs):
+        deep_init(self, *args, **kwargs)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+
+    ch04.DeepNet.__init__ = zero_deep
+    ch04.gradient_magnitudes = lambda model, x, target: [0.0] * len(model.layers)
+    cases = [
+        (ch03, "03", "self_attention_and_causal_attention_match_sdpa"),
+        (ch03, "03", "multi_head_attention_matches_sdpa"),
+        (ch03, "03", "multi_head_attention_equals_package"),
+        (ch06, "06", "lora_layer_zero_at_init_and_scaling"),
+        (ch06, "06", "linear_with_lora_zero_change_and_only_a_b_train"),
+        (ch06, "06", "linear_with_lora_merge_equals_unmerged"),
+        (ch04, "04", "shortcut_connections_keep_gradients"),
+    ]
+    for module, chapter, name in cases:
+        (check,) = _checks(chapter, name)
+        with pytest.raises(AssertionError):
+            check.run(module)
+
+
+def test_gradebook_cells_cannot_be_formulas(tmp_path):
+    graded = Graded("=HYPERLINK(1)", "=cmd|' /C calc'!A0", None, 2, "@SUM(1)")
+    others = [Graded(p, p, None, 2, "") for p in ("+1", "-1", "\tx", "\rx", "plain")]
+    write_gradebook([graded, *others], tmp_path / "grades.csv")
+    with open(tmp_path / "grades.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0]["student"] == "'=cmd|' /C calc'!A0" and rows[0]["notebook"] == "'=HYPERLINK(1)"
+    assert rows[0]["problem"] == "'@SUM(1)"
+    assert [r["student"] for r in rows[1:]] == ["'+1", "'-1", "'\tx", "'\rx", "plain"]

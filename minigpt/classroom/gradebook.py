@@ -1,38 +1,26 @@
 """A whole class at once: submissions found in files and folders, graded in parallel, written to a
 gradebook (CSV, one row per submission) and to Gradescope's autograder results format.
 
-Each submission is graded by :func:`minigpt.classroom.grader.grade_notebook` in its own process
-(its own sandbox and workers): the checks seed the grader's random number generators, so two
-gradings never share one process.
+Each submission is graded by :func:`minigpt.classroom.grader.grade_notebook` in its own supervised
+process (:mod:`minigpt.classroom.supervisor`; its own sandbox and workers): the checks seed the
+grader's random number generators, so two gradings never share one process, and a notebook that
+kills its grading process costs only its own row.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from minigpt.classroom.report import escape
+from minigpt.classroom.supervisor import Graded, grade_supervised
 
 SKIPPED_FOLDERS = (".ipynb_checkpoints", "__pycache__", ".git")
 
-
-@dataclass
-class Graded:
-    """One submission's outcome: the report as data (None when it could not be graded at all),
-    the exit status (0 all points, 1 graded, 2 not gradable) and, for status 2, why."""
-
-    path: str
-    student: str
-    report: dict | None
-    exit_status: int
-    error: str = ""
-    text: str = ""
-    checks: list[dict] = field(default_factory=list)
+__all__ = ["Graded", "find_submissions", "grade_all", "grade_one", "write_gradebook"]
 
 
 def find_submissions(paths: list[str | Path]) -> list[tuple[Path, str]]:
@@ -58,17 +46,9 @@ def find_submissions(paths: list[str | Path]) -> list[tuple[Path, str]]:
 
 
 def grade_one(path: str, student: str, options: dict) -> Graded:
-    """Grade one submission; never raises (a problem that stops grading is exit status 2)."""
-    from minigpt.classroom.grader import grade_notebook
-
-    try:
-        report = grade_notebook(path, **options)
-    except (FileNotFoundError, ValueError) as err:
-        return Graded(path, student, None, 2, escape(err, 500))
-    except Exception as err:  # noqa: BLE001 - one line for the class's table, never a traceback
-        return Graded(path, student, None, 2, f"the grader failed: {type(err).__name__}: {err}")
-    data = report.to_dict()
-    return Graded(path, student, data, 0 if report.passed else 1, text=report.format_text())
+    """Grade one submission in its own supervised process (:mod:`minigpt.classroom.supervisor`);
+    never raises (a problem that stops grading is exit status 2)."""
+    return grade_supervised(path, student, options)
 
 
 def grade_all(
@@ -77,10 +57,10 @@ def grade_all(
     jobs: int = 1,
     progress=None,
 ) -> list[Graded]:
-    """Grade every submission, ``jobs`` at a time, each in its own process; results in order."""
+    """Grade every submission, ``jobs`` at a time, each in its own process; results in order. A
+    grading process that dies costs only its own submission."""
     results: list[Graded | None] = [None] * len(submissions)
-    context = multiprocessing.get_context("spawn")  # no grader state is inherited between gradings
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
             pool.submit(grade_one, str(path), student, options): index
             for index, (path, student) in enumerate(submissions)
@@ -90,7 +70,7 @@ def grade_all(
             index = futures[future]
             try:
                 results[index] = future.result()
-            except Exception as err:  # noqa: BLE001 - a grading process that died
+            except Exception as err:  # noqa: BLE001 - grade_one never raises; kept as a guard
                 path, student = submissions[index]
                 results[index] = Graded(
                     str(path), student, None, 2, f"the grading process failed: {err}"
@@ -157,8 +137,22 @@ def gradebook_rows(results: list[Graded]) -> tuple[list[str], list[dict]]:
     return columns, rows
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell a spreadsheet would read as a formula (``=``, ``+``, ``-``, ``@``, tab, carriage
+    return first) prefixed with a single quote; anything else as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_gradebook(results: list[Graded], path: Path | str) -> None:
+    """The gradebook as CSV; every text cell (student names, paths, problems) is made safe to open
+    in a spreadsheet (:func:`spreadsheet_safe`)."""
     columns, rows = gradebook_rows(results)
+    rows = [{k: spreadsheet_safe(v) for k, v in row.items()} for row in rows]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()

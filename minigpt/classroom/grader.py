@@ -3,8 +3,8 @@
 Grading one notebook (:func:`grade_notebook`):
 
 1. **Read the submission** (:mod:`minigpt.classroom.inputs`): symbolic links are refused, the
-   notebook is validated against nbformat's schema; copy its folder into two fresh private folders
-   (one to run the notebook in, one for the checks).
+   notebook is validated against nbformat's schema; copy its folder (no other notebook) into two
+   fresh private folders (one to run the notebook in, one for the checks).
 2. **Run the notebook** in an untrusted worker (:mod:`minigpt.classroom.worker`, ``execute``) at
    the chosen isolation level (:mod:`minigpt.classroom.sandbox`), smoke mode. How it went is
    decided here from what this process observes: its own timer (it kills the worker at the time
@@ -62,7 +62,9 @@ from minigpt.classroom.report import (
 from minigpt.classroom.sandbox import (
     FOLDER_LIMIT,
     REFUSALS_FILE,
+    WORKERS_FILE,
     Limits,
+    checkout_copies,
     folder_size,
     kill_worker,
     read_refusals,
@@ -97,15 +99,19 @@ def _worker_limits(wall_seconds: float) -> Limits:
 
 def _spawn(mode: str, spec: dict, sandbox: Path, isolation: str, seconds: float, requests: bool):
     with open(sandbox / WORKER_LOG, "ab") as stderr:  # inside the sandbox: the worker may write
-        return spawn_worker(
+        proc = spawn_worker(
             [mode, json.dumps(spec)],
             isolation=isolation,
             sandbox=sandbox,
             limits=_worker_limits(seconds),
             stderr=stderr,
-            hidden=[CHAPTERS_DIR],
+            hidden=[CHAPTERS_DIR, *checkout_copies()],
             requests=requests,
         )
+    # the supervisor ends these process groups if this process dies before it can
+    with open(sandbox.parent / WORKERS_FILE, "a", encoding="utf-8") as pids:
+        pids.write(f"{proc.pid}\n")
+    return proc
 
 
 def run_notebook(
@@ -202,9 +208,9 @@ def _execution_from(returncode: int, event: dict, seconds: float) -> Execution:
     if returncode in (EXIT_STATUS["completed"], EXIT_STATUS["raised"]):
         run = Execution("completed", "", seconds, details.cells_run, 0, [])
         if returncode == EXIT_STATUS["raised"]:
-            run.errors = details.errors
-            if not run.errors:
-                run.message = "some cells raised (the worker gave no details)"
+            run.errors = details.errors or [
+                CellError(0, "", "", "", "a cell raised (the worker gave no details)")
+            ]
         return run
     if returncode == EXIT_STATUS["kernel_died"]:
         status = "kernel_died"
@@ -416,17 +422,22 @@ def run_one(check: Check, remote: Remote) -> Outcome:
 
 
 def borrowed(fetched: dict, graded: set[str], defined: set[str], imported: set[str]) -> str:
-    """A message when a graded function the check used was not written in the submitted notebook."""
-    for name, origin in fetched.items():
-        if name not in graded or origin is None:
-            continue
-        if name not in defined or name in imported:
+    """A message when a graded function the check used was not written in the submitted notebook.
+
+    The evidence read here from the submitted source text (the name is imported, or never bound by a
+    ``def``/``class``) decides on its own; the worker's report of where an object was defined can
+    only add evidence, never remove it (a notebook can silence it)."""
+    for name in fetched:
+        if name in graded and (name not in defined or name in imported):
             return (
                 f"{name} is not defined by a def/class in the submitted notebook (it is imported); "
                 "write it yourself"
             )
-        if not (isinstance(origin, dict) and origin.get("in_notebook") is True):
-            where = escape(origin.get("module", "?"), 80) if isinstance(origin, dict) else "?"
+    for name, origin in fetched.items():
+        if name not in graded or not isinstance(origin, dict):
+            continue
+        if origin.get("in_notebook") is not True:
+            where = escape(origin.get("module", "?"), 80)
             return (
                 f"{name} was not defined in the submitted notebook (it comes from {where}); "
                 "write it yourself"
@@ -448,6 +459,7 @@ def grade_notebook(
     checks_timeout: float = DEFAULT_CHECKS_TIMEOUT,
     isolation: str = "auto",
     keep_sandbox: bool = False,
+    workdir: Path | None = None,
 ) -> GradeReport:
     """Grade a student's notebook: run it in a worker, then run every check here against it.
 
@@ -481,7 +493,9 @@ def grade_notebook(
         for r in results:
             r.message = "the notebook could not be read"
         return report
-    workdir = Path(tempfile.mkdtemp(prefix="minigpt-grade-")).resolve()
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="minigpt-grade-"))
+    workdir = Path(workdir).resolve()
     try:
         run_dir, check_dir = workdir / "run", workdir / "checks"
         copy_folder(path.parent, run_dir, data, path.name)

@@ -15,6 +15,7 @@ import ast
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -58,17 +59,20 @@ def read_notebook_bytes(data: bytes) -> nbformat.NotebookNode:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise NotANotebook("not UTF-8 text") from None
-    try:
-        nb = nbformat.reads(text, as_version=4)
-    except NotJSONError:
-        raise NotANotebook("not valid JSON") from None
-    except Exception as err:  # noqa: BLE001 - nbformat raises many kinds on odd input
-        raise NotANotebook(f"not a notebook ({type(err).__name__})") from None
-    try:
-        nbformat.validate(nb)
-    except Exception as err:  # noqa: BLE001 - ValidationError, or odd types the schema walker trips on
-        reason = getattr(err, "message", "") or type(err).__name__
-        raise NotANotebook(f"not a notebook ({str(reason)[:200]})") from None
+    with warnings.catch_warnings():
+        # duplicate or missing cell ids are repaired quietly (nbformat would warn on stderr)
+        warnings.simplefilter("ignore")
+        try:
+            nb = nbformat.reads(text, as_version=4)
+        except NotJSONError:
+            raise NotANotebook("not valid JSON") from None
+        except Exception as err:  # noqa: BLE001 - nbformat raises many kinds on odd input
+            raise NotANotebook(f"not a notebook ({type(err).__name__})") from None
+        try:
+            nbformat.validate(nb)
+        except Exception as err:  # noqa: BLE001 - ValidationError, or odd types the walker trips on
+            reason = getattr(err, "message", "") or type(err).__name__
+            raise NotANotebook(f"not a notebook ({str(reason)[:200]})") from None
     return nb
 
 
@@ -100,10 +104,18 @@ def check_limit(name: str, value: float) -> float:
 
 def copy_folder(source: Path, target: Path, data: bytes, name: str) -> None:
     """A private copy of the notebook's folder (its plain files, when they are small enough; else
-    none of them) with the submitted bytes written as ``name``."""
+    none of them) with the submitted bytes written as ``name``.
+
+    No other notebook is copied (``*.ipynb``, in any case): in a folder that holds several
+    submissions (``class/alice.ipynb``, ``class/bob.ipynb``), one student's code must not read
+    another's. Data files, modules and the like next to the notebook are copied."""
     target.mkdir(parents=True, exist_ok=True)
     files = (
-        [p for p in source.iterdir() if p.is_file() and not p.is_symlink()]
+        [
+            p
+            for p in source.iterdir()
+            if p.is_file() and not p.is_symlink() and not p.name.lower().endswith(".ipynb")
+        ]
         if source.is_dir()
         else []
     )

@@ -55,7 +55,8 @@ class Remote:
     def __init__(self, channel: Channel, deadline: float):
         self.channel = channel
         self.deadline = deadline
-        self.fetched: dict[str, Any] = {}  # notebook names the check read, with their origin
+        # notebook names the check read (the worker returned a value), with their origin
+        self.fetched: dict[str, Any] = {}
         self.proxies: dict[int, RemoteProxy] = {}
         self.root = self._proxy(0, "builtins.module")
 
@@ -98,7 +99,7 @@ class Remote:
             raise ChannelError(
                 f"the worker sent a malformed answer ({type(err).__name__})"
             ) from None
-        if op == "getattr" and hid == 0 and isinstance(name, str):
+        if op == "getattr" and hid == 0 and isinstance(name, str) and error is None:
             origin = answer.get("origin")
             self.fetched.setdefault(name, origin if isinstance(origin, dict) else None)
         if error is not None:

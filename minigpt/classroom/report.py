@@ -104,9 +104,14 @@ class GradeReport:
 
     @property
     def passed(self) -> bool:
-        """All points, a notebook that ran to its end, nothing refused: the condition for exit
-        status 0."""
-        return self.points == self.possible and self.completed and not self.refused
+        """All points, a notebook that ran to its end without an error, nothing refused: the
+        condition for exit status 0."""
+        return (
+            self.points == self.possible
+            and self.completed
+            and not self.execution.errors
+            and not self.refused
+        )
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -143,6 +148,12 @@ class GradeReport:
                 lines.append(f"      {prefix}{where}: {escape(c.message, MESSAGE_LIMIT)}")
         if not self.completed and self.execution.status != "not_run":
             lines.append("The notebook did not run to its end, so the grade exits with status 1.")
+        elif self.execution.errors:
+            cells = ", ".join(str(e.cell) for e in self.execution.errors[:10])
+            lines.append(
+                f"The notebook crashed in cell {cells} (an error no tag of the reference excuses), "
+                "so the grade exits with status 1."
+            )
         lines.append(f"Total: {self.points}/{self.possible} points.")
         if self.sandbox:
             lines.append(f"Sandbox kept at {self.sandbox}")

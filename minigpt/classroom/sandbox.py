@@ -8,17 +8,21 @@ Two isolation levels (``python -m minigpt grade --isolation {auto,bwrap,none}``;
     the installed ``minigpt`` package included, is mounted read-only; ``/tmp`` and ``/dev/shm`` are
     empty private tmpfs mounts of at most :data:`TMPFS_BYTES` each (``--size``; on a bubblewrap too
     old for it they are unbounded, see :func:`tmpfs_size_supported`); the only writable folder is
-    the worker's private copy of the notebook's folder; the course's reference ``chapters/`` folder
-    is hidden; there is no network (a private network namespace with only loopback), a private PID
-    namespace (``--die-with-parent``: when the grader kills the worker, every process it started
-    dies with it, double-forked daemons included), a new session (no terminal injection), no
+    the worker's private copy of the notebook's folder; every copy of the reference solutions the
+    grader knows of is hidden: the course's ``chapters/`` folder and every folder of the checkout
+    but the ``minigpt`` package (``.git``, site builds, ``runs/``, see :func:`checkout_copies`;
+    a copy elsewhere on the machine stays readable); there is no network (a private network
+    namespace with only loopback), a private PID namespace (``--die-with-parent``: when the
+    grader kills the worker, every process it started dies with it, double-forked daemons
+    included), a new session (no terminal injection), no
     capabilities when the grader runs as root, and no GPU (``--dev`` shows no device nodes).
 ``none``
     The worker is a plain child process. A Python audit hook (PEP 578, :func:`install_audit_hook`)
     refuses writes, deletions and new programs outside the sandbox folder. It catches accidents,
     not attacks: C extensions, ``ctypes``, ``_posixsubprocess.fork_exec`` and rebinding the hook's
-    closure through ``gc`` all get past it, and a double-forked daemon outlives grading. Reports
-    say "not isolated".
+    closure through ``gc`` all get past it, and a double-forked daemon outlives grading. It can
+    read whatever the grader's account can, the reference chapters and the checkout's ``.git``
+    included. Reports say "not isolated".
 
 At both levels the worker gets CPU-time, address-space and file-size limits
 (``resource.setrlimit``), an environment that hides every GPU (:data:`NO_GPU`), and the grader
@@ -73,6 +77,14 @@ NO_GPU = {
 
 
 REFUSALS_FILE = ".minigpt-refused.jsonl"
+
+
+WORKERS_FILE = "workers.pid"  # beside the sandboxes: the process group of every worker started
+
+
+# how a worker starts: its folder (the student's files) off sys.path before anything is imported,
+# so that a minigpt.py or minigpt/ there cannot stand in for the course package
+WORKER_MAIN = "import sys; del sys.path[0]; from minigpt.classroom.worker import run; run()"
 
 
 @dataclass(frozen=True)
@@ -222,6 +234,33 @@ def bwrap_prefix(writable: Path, hidden: list[Path] = ()) -> list[str]:
     return args
 
 
+def checkout_copies(checkout: Path | None = None) -> list[Path]:
+    """Every folder of the course's checkout a worker could read a reference solution from: all of
+    them but the ``minigpt`` package, its ``*.egg-info`` and folders that hold the interpreter
+    (``.git``, ``chapters/``, site builds, ``runs/``, ``tests/``, ...), and the git folder a
+    ``.git`` file (a worktree) points to."""
+    checkout = Path(checkout or Path(__file__).resolve().parents[2]).resolve()
+    if not (checkout / "minigpt" / "__init__.py").is_file():
+        return []  # an installed package: no checkout next to it
+    needed = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.executable)]
+    hidden: list[Path] = []
+    for entry in sorted(checkout.iterdir()):
+        if entry.name == "minigpt" or entry.name.endswith(".egg-info"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if not any(entry == p or entry in p.parents for p in needed):
+                hidden.append(entry)
+        elif entry.name == ".git" and entry.is_file():  # a worktree: "gitdir: PATH"
+            text = read_capped(entry, 4096).decode(errors="replace").strip()
+            if text.startswith("gitdir:"):
+                gitdir = (checkout / text.split(":", 1)[1].strip()).resolve()
+                common = gitdir / "commondir"
+                if common.is_file():
+                    hidden.append((gitdir / common.read_text().strip()).resolve())
+                hidden.append(gitdir)
+    return hidden
+
+
 def sandbox_env(sandbox: Path) -> dict[str, str]:
     """The worker's environment: smoke mode, and every cache or config folder inside ``sandbox``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JPY_", "JUPYTER_"))}
@@ -259,9 +298,10 @@ def spawn_worker(
     hidden: list[Path] = (),
     requests: bool = False,
 ) -> subprocess.Popen:
-    """Start ``python -m minigpt.classroom.worker ARGV`` in ``sandbox`` at ``isolation`` (``bwrap``
-    or ``none``), with ``limits``, in its own session; its stdout is a pipe the grader reads."""
-    command = [sys.executable, "-m", "minigpt.classroom.worker", *argv]
+    """Start the worker (:data:`WORKER_MAIN`) with ``ARGV`` in ``sandbox`` at ``isolation``
+    (``bwrap`` or ``none``), with ``limits``, in its own session; its stdout is a pipe the grader
+    reads."""
+    command = [sys.executable, "-c", WORKER_MAIN, *argv]
     if isolation == "bwrap":
         command = bwrap_prefix(sandbox, hidden) + command
     elif isolation != "none":
@@ -400,6 +440,36 @@ def install_audit_hook(
                 refuse(event, f"process {args[0]}")
 
     sys.addaudithook(hook)
+    _guard_process_handles(refuse)
+
+
+def _guard_process_handles(refuse) -> None:
+    """Signals through process handles raise no audit event: ``os.pidfd_open`` of another process
+    and ``signal.pidfd_send_signal`` are refused by replacing them (a guard against accidents too:
+    the originals stay reachable from C and through the replacements' closures)."""
+    import posix
+    import signal as signal_module
+
+    try:
+        import _signal
+    except ImportError:  # pragma: no cover - CPython always has it
+        _signal = None
+    real_open = getattr(os, "pidfd_open", None)
+    if real_open is not None:
+
+        def pidfd_open(pid, flags=0):
+            if pid != os.getpid():
+                refuse("os.pidfd_open", f"process {pid}")
+            return real_open(pid, flags)
+
+        os.pidfd_open = posix.pidfd_open = pidfd_open
+
+    def pidfd_send_signal(*args, **kwargs):
+        refuse("signal.pidfd_send_signal", "a process handle")
+
+    for module in (signal_module, _signal):
+        if module is not None and hasattr(module, "pidfd_send_signal"):
+            module.pidfd_send_signal = pidfd_send_signal
 
 
 def resolve_path(path, dir_fd=None, follow: bool = True) -> str:

@@ -1,4 +1,6 @@
-"""The untrusted side of grading: ``python -m minigpt.classroom.worker {execute,serve} SPEC_JSON``.
+"""The untrusted side of grading: ``python -m minigpt.classroom.worker {execute,serve} SPEC_JSON``
+(the grader starts it with the sandbox folder off ``sys.path``, so that nothing in the student's
+folder can stand in for ``minigpt``).
 
 This process runs the student's code inside the sandbox :mod:`minigpt.classroom.sandbox` sets up.
 
@@ -91,8 +93,15 @@ def execute(spec: dict, emit) -> int:
     result = {"message": "", "cells_run": 0, "errors": []}
     verdict = "completed"
     deadline = time.monotonic() + timeout
+    replies: dict[int, dict] = {}  # cell index -> the kernel's execute_reply content
+
+    def on_cell_executed(cell, cell_index, execute_reply, **_):
+        content = (execute_reply or {}).get("content", {})
+        replies[cell_index] = content if isinstance(content, dict) else {}
+
     client = NotebookClient(
         run_nb,
+        on_cell_executed=on_cell_executed,
         kernel_name="python3",
         allow_errors=True,
         interrupt_on_timeout=False,
@@ -115,18 +124,27 @@ def execute(spec: dict, emit) -> int:
                 result["cells_run"] += 1
                 if _excused(cell, allowed):
                     continue
-                for out in cell.outputs:
-                    if out.output_type == "error":
-                        verdict = "raised"
-                        result["errors"].append(
-                            {
-                                "cell": position,
-                                "cell_id": cell.get("id", ""),
-                                "first_line": _first_line(cell.source),
-                                "ename": out.ename,
-                                "evalue": out.evalue[:MESSAGE_LIMIT],
-                            }
-                        )
+                errors = [
+                    (out.get("ename", ""), out.get("evalue", ""))
+                    for out in cell.outputs
+                    if out.output_type == "error"
+                ]
+                reply = replies.get(position, {})
+                if not errors and reply.get("status") == "error":
+                    # an error the kernel did not display (a custom exception handler hides it):
+                    # the execute_reply this process received still says the cell raised
+                    errors = [(str(reply.get("ename", "")), str(reply.get("evalue", "")))]
+                for ename, evalue in errors:
+                    verdict = "raised"
+                    result["errors"].append(
+                        {
+                            "cell": position,
+                            "cell_id": cell.get("id", ""),
+                            "first_line": _first_line(cell.source),
+                            "ename": str(ename)[:MESSAGE_LIMIT],
+                            "evalue": str(evalue)[:MESSAGE_LIMIT],
+                        }
+                    )
     except CellTimeoutError:
         verdict = "timeout"
         result["message"] = (
@@ -311,8 +329,13 @@ def main(argv: list[str]) -> int:
     raise SystemExit(f"unknown mode {mode!r}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The worker's entry point (:data:`minigpt.classroom.sandbox.WORKER_MAIN`)."""
     code = main(sys.argv[1:])
     sys.stderr.flush()
     # no interpreter shutdown: a student's atexit handler or __del__ cannot change the status
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,17 +1,20 @@
 """Checks for chapter 03 (attention): the notebook's attention against PyTorch and the package.
 
 References: ``F.scaled_dot_product_attention`` (Vaswani et al. 2017, eq. (1), with ``is_causal`` or
-a boolean ``attn_mask``) and :class:`minigpt.model.CausalSelfAttention`. The checks copy weights
-between layers themselves, so a wrong helper in the notebook cannot hide a wrong layer.
+a boolean ``attn_mask``) and :class:`minigpt.model.CausalSelfAttention`. The checks draw every
+weight themselves and copy it into the notebook's layer, so a wrong helper in the notebook cannot
+hide a wrong layer and a layer with degenerate weights cannot make the expected value degenerate.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigpt.classroom.checks import check
+from minigpt.classroom.checks import assign, check, inside
 from minigpt.model import CausalSelfAttention, GPTConfig
 
 
@@ -19,17 +22,35 @@ def _causal(T: int) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool).tril()
 
 
-def _reference_mha(mha, x: torch.Tensor) -> torch.Tensor:
-    """The teaching MultiHeadAttention computed from its weights with the fused kernel (no
-    dropout)."""
+def _trusted_weights(
+    mha, d_in: int, d_out: int, qkv_bias: bool, seed: int, out_proj: bool = True
+) -> dict:
+    """Random weights drawn here and copied into the notebook's layer (its projections): the
+    expected values come from these copies, never from the layer's own weights."""
+    gen = torch.Generator().manual_seed(seed)
+    weights: dict = {}
+    names = [("W_query", d_in), ("W_key", d_in), ("W_value", d_in)]
+    for name, fan_in in names + ([("out_proj", d_out)] if out_proj else []):
+        weight = torch.randn(d_out, fan_in, generator=gen) / math.sqrt(fan_in)
+        inside(assign, mha, f"{name}.weight", weight)
+        bias = None
+        if qkv_bias or name == "out_proj":
+            bias = 0.1 * torch.randn(d_out, generator=gen)
+            inside(assign, mha, f"{name}.bias", bias)
+        weights[name] = (weight, bias)
+    return weights
+
+
+def _reference_mha(weights: dict, heads: int, x: torch.Tensor) -> torch.Tensor:
+    """The teaching MultiHeadAttention computed from the check's own weights with the fused kernel
+    (no dropout)."""
     B, T, _ = x.shape
-    h = mha.num_heads
     q, k, v = (
-        F.linear(x, layer.weight, layer.bias).view(B, T, h, -1).transpose(1, 2)
-        for layer in (mha.W_query, mha.W_key, mha.W_value)
+        F.linear(x, *weights[name]).view(B, T, heads, -1).transpose(1, 2)
+        for name in ("W_query", "W_key", "W_value")
     )
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
-    return F.linear(y, mha.out_proj.weight, mha.out_proj.bias)
+    return F.linear(y, *weights["out_proj"])
 
 
 @check(points=2)
@@ -107,14 +128,16 @@ def self_attention_and_causal_attention_match_sdpa(nb):
     is_causal."""
     torch.manual_seed(302)
     layer = nb.SelfAttention(d_in=5, d_out=3).eval()
+    weights = _trusted_weights(layer, 5, 3, False, 312, out_proj=False)
     x = torch.randn(7, 5)
     with torch.no_grad():
-        q, k, v = layer.W_query(x), layer.W_key(x), layer.W_value(x)
+        q, k, v = (F.linear(x, *weights[name]) for name in ("W_query", "W_key", "W_value"))
         torch.testing.assert_close(layer(x), F.scaled_dot_product_attention(q, k, v))
     head = nb.CausalAttention(d_in=5, d_out=4, context_length=12, dropout=0.0).eval()
+    weights = _trusted_weights(head, 5, 4, False, 313, out_proj=False)
     batch = torch.randn(3, 9, 5)
     with torch.no_grad():
-        q, k, v = head.W_query(batch), head.W_key(batch), head.W_value(batch)
+        q, k, v = (F.linear(batch, *weights[name]) for name in ("W_query", "W_key", "W_value"))
         torch.testing.assert_close(
             head(batch),
             F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -138,10 +161,11 @@ def multi_head_attention_matches_sdpa(nb):
         mha = nb.MultiHeadAttention(
             d_in, d_out, context, dropout=0.0, num_heads=heads, qkv_bias=bias
         ).eval()
+        weights = _trusted_weights(mha, d_in, d_out, bias, 320 + seed)
         x = torch.randn(2, T, d_in)
         with torch.no_grad():
             got = mha(x)
-            want = _reference_mha(mha, x)
+            want = _reference_mha(weights, heads, x)
         assert tuple(got.shape) == (2, T, d_out), (
             f"output shape {tuple(got.shape)}, expected {(2, T, d_out)}"
         )
@@ -158,6 +182,7 @@ def multi_head_attention_matches_sdpa(nb):
         )
     torch.manual_seed(310)
     mha = nb.MultiHeadAttention(8, 8, 8, dropout=0.5, num_heads=2).train()
+    weights = _trusted_weights(mha, 8, 8, False, 330)
     x = torch.randn(2, 8, 8)
     with torch.no_grad():
         train_out = mha(x)
@@ -167,7 +192,7 @@ def multi_head_attention_matches_sdpa(nb):
         "dropout=0.5 must change the output in training mode"
     )
     torch.testing.assert_close(
-        eval_out, _reference_mha(mha, x), msg="in eval mode dropout must do nothing"
+        eval_out, _reference_mha(weights, 2, x), msg="in eval mode dropout must do nothing"
     )
 
 
@@ -180,17 +205,20 @@ def multi_head_attention_equals_package(nb):
     for bias in (False, True):
         mha = nb.MultiHeadAttention(16, 16, 12, dropout=0.0, num_heads=4, qkv_bias=bias).eval()
         package = CausalSelfAttention(cfg).eval()
+        weights = _trusted_weights(mha, 16, 16, bias, 340 + bias)
         with torch.no_grad():
-            for target, source in (
-                (package.query, mha.W_query),
-                (package.key, mha.W_key),
-                (package.value, mha.W_value),
-                (package.out_proj, mha.out_proj),
+            for target, name in (
+                (package.query, "W_query"),
+                (package.key, "W_key"),
+                (package.value, "W_value"),
+                (package.out_proj, "out_proj"),
             ):
-                target.weight.copy_(source.weight)
-                target.bias.copy_(
-                    source.bias if source.bias is not None else torch.zeros_like(target.bias)
-                )
+                weight, source_bias = weights[name]
+                target.weight.copy_(weight)
+                if source_bias is None:
+                    target.bias.zero_()
+                else:
+                    target.bias.copy_(source_bias)
             x = torch.randn(3, 11, 16)
             want = package(x)
             torch.testing.assert_close(

@@ -9,10 +9,12 @@ one mistake fails one check.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from minigpt.classroom.checks import check, inside, seeded, using
+from minigpt.classroom.checks import assign, check, inside, seeded, using
 from minigpt.generate import generate
 from minigpt.model import Block, CausalSelfAttention, GPTConfig, GPTModel
 
@@ -103,16 +105,21 @@ def shortcut_connections_keep_gradients(nb):
             assert len(model.layers) == len(sizes) - 1, (
                 "DeepNet needs one Linear per consecutive pair of sizes"
             )
+            # the check's own random weights, copied into the notebook's model: the expected
+            # gradients never come from weights the notebook chose
+            gen = torch.Generator().manual_seed(420 + use_shortcut)
+            weights = []
+            for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+                bound = 1 / math.sqrt(n_in)  # nn.Linear's own initialisation, drawn here
+                weight = (2 * torch.rand(n_out, n_in, generator=gen) - 1) * bound
+                inside(assign, model, f"layers.{i}.weight", weight)
+                bias = None
+                if model.layers[i].bias is not None:
+                    bias = (2 * torch.rand(n_out, generator=gen) - 1) * bound
+                    inside(assign, model, f"layers.{i}.bias", bias)
+                weights.append((weight.requires_grad_(True), bias))
             got = nb.gradient_magnitudes(model, x, target)
-            # the expected gradients: this process's own forward and backward on copies of the
-            # model's weights
-            weights = [
-                (
-                    layer.weight.detach().clone().requires_grad_(True),
-                    None if layer.bias is None else layer.bias.detach().clone(),
-                )
-                for layer in model.layers
-            ]
+            # the expected gradients: this process's own forward and backward on those weights
             h = x
             for weight, bias in weights:
                 out = F.gelu(F.linear(h, weight, bias), approximate="tanh")

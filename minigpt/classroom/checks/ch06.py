@@ -193,11 +193,10 @@ def lora_layer_zero_at_init_and_scaling(nb):
         assert torch.equal(out, torch.zeros_like(out)), (
             "the update must be exactly zero at initialisation"
         )
-        B = torch.randn(rank, out_dim, generator=torch.Generator().manual_seed(642))
-        inside(assign, layer, "B", B)
+        A, B = _trusted_adapter(layer, in_dim, out_dim, rank, 642)
         torch.testing.assert_close(
             layer(x),
-            alpha / rank * (x @ layer.A @ B),
+            alpha / rank * (x @ A @ B),
             msg="forward must be scaling * (x @ A @ B)",
         )
 
@@ -221,6 +220,17 @@ def lora_layer_matches_package(nb):
         ref(x).square().sum().backward()
         torch.testing.assert_close(mine.A.grad, ref.A.grad)
         torch.testing.assert_close(mine.B.grad, ref.B.grad)
+
+
+def _trusted_adapter(layer, in_dim: int, out_dim: int, rank: int, seed: int, prefix: str = ""):
+    """Non-zero A and B drawn here, copied into the notebook's layer: expected values come from
+    these copies, never from the layer's own A and B (which a notebook could leave at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(in_dim, rank, generator=gen) / math.sqrt(in_dim)
+    B = torch.randn(rank, out_dim, generator=gen)
+    inside(assign, layer, prefix + "A", A)
+    inside(assign, layer, prefix + "B", B)
+    return A, B
 
 
 def _train_only_the_adapter(layer) -> bool:
@@ -259,9 +269,14 @@ def linear_with_lora_zero_change_and_only_a_b_train(nb):
     assert inside(_train_only_the_adapter, layer), (
         "the adapter (everything but .linear) must hold exactly two parameters, lora.A and lora.B"
     )
+    A, B = _trusted_adapter(layer, 10, 7, 3, 664, "lora.")
     layer.eval()
     out = layer(x)
-    torch.testing.assert_close(out, linear(x) + 2.0 * (x @ layer.lora.A @ layer.lora.B))
+    torch.testing.assert_close(
+        out,
+        linear(x) + 2.0 * (x @ A @ B),
+        msg="the output must be the base output plus scaling * x A B (with the check's A and B)",
+    )
     inside(square_sum_backward, layer, x)
     assert base.weight.grad is None and base.bias.grad is None, (
         "the frozen base must receive no gradient"
@@ -280,14 +295,13 @@ def linear_with_lora_merge_equals_unmerged(nb):
         w0 = linear.weight.detach().clone()
         base = held(nb, linear)
         layer = inside(seeded, 671, nb.LinearWithLoRA, base, rank=rank, alpha=4.0)
-        B = torch.randn(rank, out_f, generator=torch.Generator().manual_seed(672))
-        inside(assign, layer, "lora.B", B)
+        A, B = _trusted_adapter(layer, in_f, out_f, rank, 672, "lora.")
         x = torch.randn(8, in_f, generator=torch.Generator().manual_seed(673))
         with torch.no_grad():
             before = layer(x)
             torch.testing.assert_close(
                 before,
-                linear(x) + 4.0 / rank * (x @ layer.lora.A @ B),
+                linear(x) + 4.0 / rank * (x @ A @ B),
                 msg="the unmerged output must be the base output plus scaling * x A B",
             )
             layer.merge()
@@ -301,7 +315,7 @@ def linear_with_lora_merge_equals_unmerged(nb):
             )
             torch.testing.assert_close(
                 base.weight,
-                w0 + 4.0 / rank * (layer.lora.A @ B).T,
+                w0 + 4.0 / rank * (A @ B).T,
                 msg="the merged weight must be W0 + scaling * (A B)^T",
             )
             layer.unmerge()
