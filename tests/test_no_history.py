@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HISTORY = re.compile(
     r"\bthis round\b|\bprevious round\b|\blast round\b|\bthe round before\b"
-    r"|\bearlier versions? of\b|\bthe committed run\b|\bissue \d+|\bissue #\d+",
+    r"|\bearlier versions? of\b|\bprevious version of\b|\bearlier runs of the course\b"
+    r"|\bthe committed run\b|\bissue \d+|\bissue #\d+",
     re.IGNORECASE,
 )
 # A verdict word of the kind a progress log prints; checked in what the code says, since a saved
@@ -49,6 +50,9 @@ def test_the_finder_finds_history():
     assert history_phrases("  MISS  dora step time") == ["MISS"]
     assert history_phrases("  MISS  dora step time", source=False) == []
     assert history_phrases("a cache miss") == []
+    assert history_phrases("The previous version of this course ran longer.") == [
+        "previous version of"
+    ]
 
 
 def test_nothing_a_user_reads_speaks_of_the_projects_history():
