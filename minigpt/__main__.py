@@ -15,6 +15,8 @@ def cmd_course(args: argparse.Namespace) -> int:
     from minigpt.course.chapters import chapter_paths, parse_chapters, write_notebook_atomic
     from minigpt.course.colab import chapters_missing_message
     from minigpt.course.execute import execute_notebook
+    from minigpt.device import run_record, write_run_record
+    from minigpt.io import cache_dir, check_writable_file
 
     try:
         wanted = parse_chapters(args.chapters)
@@ -36,27 +38,47 @@ def cmd_course(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.json is not None:
+        check_writable_file(args.json, "--json")  # before the chapters run, not after them
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir()
+    cache_was_empty = not (cache.is_dir() and any(cache.iterdir()))
     total = time.perf_counter()
+    times = []
     for path in paths:
         start = time.perf_counter()
         print(f"{path.name} ...", flush=True)
         nb = execute_notebook(path, smoke=args.smoke, timeout=args.timeout, progress=True)
         write_notebook_atomic(nb, out / path.name)
-        print(
-            f"{path.name} done in {time.perf_counter() - start:.0f} s -> {out / path.name}",
-            flush=True,
-        )
-    print(f"{len(paths)} chapters in {time.perf_counter() - total:.0f} s")
+        seconds = time.perf_counter() - start
+        times.append({"chapter": path.name[:2], "notebook": path.stem, "seconds": seconds})
+        print(f"{path.name} done in {seconds:.0f} s -> {out / path.name}", flush=True)
+    total = time.perf_counter() - total
+    print(f"{len(paths)} chapters in {total:.0f} s")
+    if args.json is not None:
+        payload = {
+            "smoke": args.smoke,
+            "cache_was_empty": cache_was_empty,
+            "chapters": times,
+            "seconds": total,
+        }
+        write_run_record(args.json, run_record("course", "course", _argv(args), payload))
+        print(f"record: {args.json}")
     return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command's own arguments as given (for the record's ``command``)."""
+    return list(getattr(args, "argv", []))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Pretrain the tiny GPT on Shakespeare and report losses per token and per character."""
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
-    from minigpt._validate import check_int
+    from minigpt._validate import UserError, check_int
+    from minigpt.device import run_record, write_run_record
     from minigpt.io import check_writable_file, names_a_folder
     from minigpt.lab.pretrained import (
         SMOKE,
@@ -69,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from minigpt.tokenizer import get_compact_vocab
     from minigpt.train import check_device_name, nats_per_character
 
+    command_start = time.perf_counter()
     recipe = SMOKE if args.smoke else TINY
     if args.steps is not None:
         recipe = replace(recipe, steps=check_int("--steps", args.steps, 1))
@@ -81,9 +104,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif names_a_folder(args.out) or Path(args.out).is_dir():
         args.out = str(Path(args.out) / f"{recipe.name}.safetensors")
     check_writable_file(args.out, "--out")  # before training, not after it
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
+        if Path(args.json).resolve() == Path(args.out).resolve():
+            raise UserError(
+                "--json and --out name the same file: the record would replace the model"
+            )
     refuse_overwrite(args.out, recipe, force=args.force)
     model, history = pretrain(recipe, checkpoint=args.out, device=args.device)
     _, val_ids = shakespeare_split()
+    trained_on = str(next(model.parameters()).device)
     model.to("cpu")
     result = nats_per_character(model, val_ids, get_compact_vocab().decode)
     print(
@@ -95,11 +125,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         "nats/char "
         f"({result['bits_per_char']:.3f} bits/char) over {result['chars']:,} characters"
     )
-    print(
-        f"fine-tuning tokens that pretraining never saw: {100 * unseen_in_finetuning():.2f} % "
-        "(goal 0)"
-    )
+    unseen = unseen_in_finetuning()
+    print(f"fine-tuning tokens that pretraining never saw: {100 * unseen:.2f} % (goal 0)")
     print(f"checkpoint: {args.out}")
+    if args.json is not None:
+        payload = {
+            "recipe": asdict(recipe),
+            "recipe_name": recipe.name,
+            "model": asdict(model.cfg),
+            "parameters": model.num_parameters(),
+            "device": trained_on,
+            "precision": history.precision,
+            "seconds": time.perf_counter() - command_start,
+            "train_seconds": history.seconds,
+            "tokens": history.tokens,
+            "tokens_per_second": history.tokens / history.seconds if history.seconds else None,
+            "val_loss": history.val_loss[-1] if history.val_loss else None,
+            "held_out": result,
+            "unseen_in_finetuning": unseen,
+        }
+        write_run_record(args.json, run_record("pretraining", "train", _argv(args), payload))
+        print(f"record: {args.json}")
     return 0
 
 
@@ -170,6 +216,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
 # Subcommands implemented in their own modules parse their own arguments (options in any order).
 DELEGATED = {
     "compare": ("lab.lab", "main", "head-to-head table of the fine-tuning methods"),
+    "dora-analysis": (
+        "lab.dora_analysis",
+        "main",
+        "DoRA's magnitude/direction analysis (figure 2) by the paper's protocol",
+    ),
     "bench": ("lab.bench", "main", "speed and memory benchmarks against peft"),
     "student-notebooks": (
         "classroom.student",
@@ -177,6 +228,11 @@ DELEGATED = {
         "write student versions of the chapters",
     ),
     "grade": ("classroom.student", "grade_main", "grade a student's notebook"),
+    "results": (
+        "course.results",
+        "main",
+        "write docs/results.md from the measurement records in docs/records/",
+    ),
     "site": (
         "course.site",
         "main",
@@ -271,6 +327,13 @@ def _main(argv: list[str]) -> int:
     )
     p.add_argument("--chapters-dir", default=CHAPTERS_DIR, type=folder_arg, help=chapters_help)
     p.add_argument("--timeout", type=positive_int, default=1800, help="seconds per cell")
+    p.add_argument(
+        "--json",
+        default=None,
+        type=path_arg,
+        help="also write a record of each chapter's time and the machine to this JSON file "
+        "(default: none; docs/records/course.json feeds docs/results.md)",
+    )
 
     p = command("train", cmd_train, "python -m minigpt train --smoke --out runs/smoke.safetensors")
     p.add_argument(
@@ -290,6 +353,13 @@ def _main(argv: list[str]) -> int:
     )
     p.add_argument(
         "--smoke", action="store_true", help="the micro recipe: a few steps, for a quick check"
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        type=path_arg,
+        help="also write a record of the recipe, times, losses and the machine to this JSON file "
+        "(default: none; docs/records/pretraining.json feeds docs/results.md)",
     )
 
     p = command("generate", cmd_generate, 'python -m minigpt generate --prompt "JULIET:" --seed 7')
@@ -326,6 +396,7 @@ def _main(argv: list[str]) -> int:
         sub.add_parser(name, help=f"{text} (see: python -m minigpt {name} --help)")
 
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the command's arguments, for the records
     return args.run(args)
 
 

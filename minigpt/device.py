@@ -140,3 +140,103 @@ def autocast(device: torch.device, precision: str | None = None):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Run records: what a measurement ran on, so that a table can state its machine
+
+
+def machine_description() -> dict:
+    """The machine a measurement runs on, for the records behind ``docs/results.md``.
+
+    Returns ``cpu`` (the model name from ``/proc/cpuinfo`` where there is one, else
+    ``platform.processor()``), ``cores`` (logical cores), ``cpu_bf16``
+    (:func:`cpu_has_native_bf16`), ``gpu`` (the first CUDA device's name, or None), ``torch``,
+    ``python`` and ``system``. Nothing that names the machine or its user (host name, user name,
+    paths) is included, because the records are committed and published.
+    """
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    cpu = value.strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu or platform.processor() or platform.machine() or "unknown CPU",
+        "cores": os.cpu_count(),
+        "cpu_bf16": bool(cpu_has_native_bf16()),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "system": platform.system(),
+    }
+
+
+def command_line(command: str, argv: list[str]) -> str:
+    """``python -m minigpt COMMAND ARGS`` as a shell line, each absolute path cut to its file name.
+
+    A record states the command that produced it; an absolute path would publish the machine's
+    folders, and only the file name tells a reader anything.
+    """
+    import shlex
+    from pathlib import PurePath
+
+    def shown(arg: str) -> str:
+        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if os.path.isabs(value) or value.startswith("~"):
+            value = PurePath(value).name or value
+        return f"{option}{equals}{value}"
+
+    return shlex.join(["python", "-m", "minigpt", command, *(shown(a) for a in argv)])
+
+
+def run_record(kind: str, command: str, argv: list[str], payload: dict) -> dict:
+    """A measurement's record: ``kind``, ``machine`` (:func:`machine_description`), ``date`` (UTC,
+    ISO, day precision), ``command`` (:func:`command_line`), then the ``payload``'s entries."""
+    from datetime import datetime, timezone
+
+    return {
+        "kind": kind,
+        "machine": machine_description(),
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "command": command_line(command, argv),
+        **payload,
+    }
+
+
+def plain_json(value):  # noqa: ANN001, ANN201 - any value a record holds
+    """``value`` with dataclasses, tuples, NumPy and torch scalars made plain JSON, and NaN or
+    infinite numbers made None (JSON has no such numbers; a diverged run's loss is unknown)."""
+    import dataclasses
+    import math
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        value = value.tolist()  # arrays and scalars alike
+    if isinstance(value, dict):
+        return {str(key): plain_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # a torch.device, a path given as an object
+
+
+def write_run_record(path: str | os.PathLike, record: dict) -> None:
+    """Write ``record`` as indented JSON (:func:`plain_json`), atomically; the destination was
+    checked before the run with :func:`minigpt.io.check_writable_file`."""
+    import json
+
+    from minigpt.io import atomic_write_bytes
+
+    text = json.dumps(plain_json(record), indent=1, ensure_ascii=False, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))

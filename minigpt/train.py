@@ -171,6 +171,7 @@ class TrainingDiverged(UserError):
             "NaN."
         )
         self.step, self.lr, self.loss, self.grad_norm = step, lr, loss, grad_norm
+        self.history: History | None = None
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -331,7 +332,9 @@ def train(
         ).item()
         # stop before NaN reaches weights
         if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(step, lr, loss.item(), grad_norm, checkpoint)
+            diverged = TrainingDiverged(step, lr, loss.item(), grad_norm, checkpoint)
+            diverged.history = history  # the steps that did run, for a caller that keeps them
+            raise diverged
         optimizer.step()
         history.steps.append(step)
         history.train_loss.append(loss.item())

@@ -16,9 +16,18 @@ import torch
 
 from minigpt.analysis import delta_ratio
 from minigpt.lab import bench
-from minigpt.lab.lab import Lab, main, run_comparison
-from minigpt.lab.report import exceeds_spread, format_table, summarize
+from minigpt.lab.lab import Lab, chosen_records, main, run_comparison
+from minigpt.lab.report import (
+    best_accuracy,
+    exceeds_spread,
+    forgetting_at_accuracy,
+    format_table,
+    front,
+    summarize,
+    verdict,
+)
 from minigpt.lab.runs import (
+    CURVE_KEYS,
     DEFAULT_RANK,
     METHODS,
     RECORD_KEYS,
@@ -42,14 +51,32 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def records(cache):
+def every_record(cache):
     return run_comparison(seeds=2, smoke=True)
+
+
+@pytest.fixture(scope="session")
+def records(every_record):
+    return chosen_records(every_record)
+
+
+def test_every_rate_has_every_seed_and_its_curve(every_record):
+    assert [(r["method"], r["lr"], r["seed"]) for r in every_record] == [
+        (m, lr, s) for m in METHODS for lr in SMOKE_LR_GRID for s in (0, 1)
+    ]
+    for r in every_record:
+        assert [p["step"] for p in r["curve"]][0] == 0 and r["curve"][-1]["step"] == r["steps"]
+        assert set(r["curve"][-1]) == set(CURVE_KEYS)
+        assert r["diverged_at"] is None
+    for method in METHODS:  # one chosen rate per method, and it is the best by validation
+        chosen = {r["lr"] for r in every_record if r["method"] == method and r["chosen"]}
+        assert len(chosen) == 1
 
 
 def test_one_record_per_method_and_seed(records):
     assert [(r["method"], r["seed"]) for r in records] == [(m, s) for m in METHODS for s in (0, 1)]
     for r in records:
-        assert tuple(r) == RECORD_KEYS
+        assert tuple(r)[: len(RECORD_KEYS)] == RECORD_KEYS
         for key in (
             "domain_loss",
             "shakespeare_loss",
@@ -220,13 +247,15 @@ def test_cli_compare_smoke_writes_json_records(cache, tmp_path):
         and "| lora |" in result.stdout
         and "| dora |" not in result.stdout
     )
-    records = json.loads(out.read_text())
-    assert [(r["method"], r["seed"]) for r in records] == [
-        ("full", 0),
-        ("full", 1),
-        ("lora", 0),
-        ("lora", 1),
+    document = json.loads(out.read_text())
+    assert document["kind"] == "compare" and document["settings"]["grid"] == list(SMOKE_LR_GRID)
+    assert str(tmp_path) not in out.read_text()  # no machine paths in a record
+    records = document["records"]
+    assert [(r["method"], r["lr"], r["seed"]) for r in records] == [
+        (m, lr, s) for m in ("full", "lora") for lr in SMOKE_LR_GRID for s in (0, 1)
     ]
+    assert set(document["chosen"]) == {"full", "lora"}
+    assert all(len(r["curve"]) >= 2 for r in records)
     required = {
         "method",
         "seed",
@@ -396,3 +425,45 @@ def test_curve_points_do_not_change_the_run(cache, records):
         assert without[key] == with_curve[key], key
     with pytest.raises(ValueError, match="curve_every"):
         RunSpec("lora", 3e-3, curve_every=-1)
+
+
+def _run(lr, seed, points, before=4.0):
+    """A record with a hand-made curve: ``points`` = [(step, task accuracy, Shakespeare loss)]."""
+    curve = [{"step": 0, "val_accuracy": 0.0, "task_accuracy": 0.0, "shakespeare_loss": before}]
+    curve += [
+        {"step": s, "val_accuracy": a, "task_accuracy": a, "shakespeare_loss": loss}
+        for s, a, loss in points
+    ]
+    return {"method": "m", "lr": lr, "seed": seed, "curve": curve}
+
+
+def test_front_and_forgetting_at_matched_accuracy():
+    seed0 = [
+        _run(1e-4, 0, [(100, 0.0, 4.2), (200, 0.1, 4.3)]),
+        _run(1e-3, 0, [(100, 0.5, 4.8), (200, 0.9, 5.0)]),
+        _run(1e-2, 0, [(100, 0.7, 6.0), (200, 0.6, 6.5)]),
+    ]
+    # at 200 steps only 1e-3 reaches 0.8: its forgetting, 1.0; at 100 steps 0.5 is reached by 1e-3
+    # (0.8) and 1e-2 (2.0): the least
+    assert forgetting_at_accuracy(seed0, 0.8, 200) == pytest.approx(1.0)
+    assert forgetting_at_accuracy(seed0, 0.5, 100) == pytest.approx(0.8)
+    assert forgetting_at_accuracy(seed0, 0.95, 200) is None
+    assert best_accuracy(seed0, 200) == 0.9 and best_accuracy(seed0, 100) == 0.7
+    seed1 = [_run(1e-3, 1, [(100, 0.3, 4.6), (200, 0.7, 5.2)])]
+    points = front(seed0 + seed1, 200)
+    assert [p["lr"] for p in points] == [1e-4, 1e-3, 1e-2]
+    mid = points[1]
+    assert mid["n"] == 2 and mid["task_accuracy"][0] == pytest.approx(0.8)
+    assert mid["forgetting"][0] == pytest.approx(1.1) and mid["forgetting"][1] > 0
+    assert front(seed0, 150) == []  # no checkpoint there
+    assert verdict("x").startswith("Verdict: ")
+
+
+def test_a_diverging_run_is_kept_as_a_point(cache):
+    """A rate high enough to make the loss NaN stops that run, and its record says where."""
+    lab = Lab(smoke=True, cache=False)
+    _, record = finetune(
+        lab.base, RunSpec("full", 1e6, 0, steps=6, batch_size=4), lab.data, lab.eval_batches
+    )
+    assert record["diverged_at"] is not None and record["diverged_at"] < 6
+    assert record["curve"][-1]["step"] == record["diverged_at"]

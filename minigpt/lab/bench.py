@@ -452,8 +452,14 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m minigpt bench [--smoke] [--repeats N] [--batch-size B] [--rank R] [--device
-    D]``."""
-    from minigpt._cli import make_parser
+    D] [--json OUT]``."""
+    from dataclasses import asdict
+
+    from minigpt._cli import make_parser, path_arg
+    from minigpt.device import run_record, write_run_record
+    from minigpt.io import check_writable_file
+
+    argv = sys.argv[1:] if argv is None else list(argv)
 
     defaults = BenchSettings()
     parser = make_parser(
@@ -482,6 +488,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--json",
+        default=None,
+        type=path_arg,
+        help="also write the settings, every measurement and the machine to this JSON file "
+        "(default: none; docs/records/bench.json feeds docs/results.md)",
+    )
     args = parser.parse_args(argv)
     settings = SMOKE_SETTINGS if args.smoke else BenchSettings()
     overrides = {
@@ -501,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         choose_device(args.device)
     except ValueError as err:
         parser.error(str(err))
+    if args.json is not None:  # before the benchmarks; one line from the command line's handler
+        check_writable_file(args.json, "--json")
     try:
         import peft  # noqa: F401 - the bench compares against it
     except ImportError:
@@ -510,7 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = run_benchmarks(settings, args.device, progress=not args.no_progress)
     print(format_report(result))
-    print(f"\nbenchmark wall time {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    print(f"\nbenchmark wall time {seconds:.1f} s")
+    if args.json is not None:
+        payload = {"settings": asdict(settings), "seconds": seconds, "result": result}
+        write_run_record(args.json, run_record("bench", "bench", argv, payload))
+        print(f"record: {args.json}")
     return 0
 
 

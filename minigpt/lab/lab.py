@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors.torch import load as load_safetensors
 
 from minigpt._validate import UserError, check_float, check_int
+from minigpt.device import plain_json, run_record
 from minigpt.io import (
     DIGEST_KEY,
     atomic_write_bytes,
@@ -376,11 +377,14 @@ def run_comparison(
     smoke: bool | None = None,
     cache: bool = True,
     progress: bool = False,
+    every_rate: bool = True,
 ) -> list[dict]:
-    """Tune each method's lr on ``grid`` (seed 0, validation prompts), then run ``seeds`` seeds at
-    the best.
+    """Every method on every learning rate of ``grid`` (seed 0), each method's rate chosen on the
+    validation prompts, then ``seeds`` seeds: at every rate (``every_rate``, the whole
+    learning-forgetting front with its spread) or at the chosen rate only.
 
-    Returns one record per (method, seed) with :data:`RECORD_KEYS`.
+    Returns one record per (method, lr, seed) with :data:`RECORD_KEYS`, ``diverged_at``, the
+    ``curve`` and ``chosen`` (whether the rate is the method's choice).
     """
     if isinstance(methods, str):
         methods = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -396,18 +400,19 @@ def run_comparison(
         changes["steps"] = check_int("steps", steps, 1)
     # after the checks: a bad argument must not cost a pretraining run
     lab = Lab(smoke, cache, progress)
-    grid = grid or lab.grid
+    grid = tuple(grid or lab.grid)
     start = time.perf_counter()
-    # all at once
+    # all at once, so that the workers stay busy
     tuning = lab.runs([lab.spec(method, lr, 0, **changes) for method in methods for lr in grid])
     chosen = {method: best_lr([r for r in tuning if r["method"] == method]) for method in methods}
-    records = lab.runs(
-        [
-            lab.spec(method, chosen[method], seed, **changes)
-            for method in methods
-            for seed in range(seeds)
-        ]
-    )
+    specs = [
+        lab.spec(method, lr, seed, **changes)
+        for method in methods
+        for lr in grid
+        for seed in range(seeds)
+        if every_rate or seed == 0 or lr == chosen[method]
+    ]
+    records = lab.runs(specs)
     if progress:
         lrs = ", ".join(f"{method} {lr:g}" for method, lr in chosen.items())
         print(
@@ -415,7 +420,20 @@ def run_comparison(
             file=sys.stderr,
             flush=True,
         )
-    return [{key: r[key] for key in RECORD_KEYS} for r in records]
+    return [
+        {
+            **{key: r[key] for key in RECORD_KEYS},
+            "diverged_at": r.get("diverged_at"),
+            "curve": r["curve"],
+            "chosen": r["lr"] == chosen[r["method"]],
+        }
+        for r in records
+    ]
+
+
+def chosen_records(records: list[dict]) -> list[dict]:
+    """The records at each method's chosen rate (what the head-to-head table shows)."""
+    return [r for r in records if r.get("chosen", True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,10 +487,27 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserError as err:
         parser.error(str(err))
-    print(format_table(records))
+    print(format_table(chosen_records(records)))
     print(f"\n{len(records)} runs in {time.perf_counter() - start:.0f} s")
     if args.json is not None:
-        atomic_write_bytes(args.json, json.dumps(records, indent=2).encode())
+        document = run_record(
+            "compare",
+            "compare",
+            sys.argv[1:] if argv is None else argv,
+            {
+                "settings": {
+                    "rank": args.rank,
+                    "alpha": args.alpha,
+                    "steps": args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS),
+                    "grid": list(SMOKE_LR_GRID if args.smoke else LR_GRID),
+                    "seeds": args.seeds,
+                    "eval_tokens": (2 if args.smoke else EVAL_BATCHES) * 32 * 32,
+                },
+                "chosen": {r["method"]: r["lr"] for r in records if r["chosen"]},
+                "records": plain_json(records),
+            },
+        )
+        atomic_write_bytes(args.json, json.dumps(document, indent=1).encode())
         print(f"records: {args.json}")
     return 0
 

@@ -68,3 +68,75 @@ def format_table(records: list[dict]) -> str:
     n = min(s["n"] for s in summary.values())
     lines.append(f"\nmean ± standard deviation over {n} seeds")
     return "\n".join(lines)
+
+
+def verdict(text: str) -> str:
+    """The one line an experiment prints for its claim: ``Verdict: <text>``."""
+    return f"Verdict: {text}"
+
+
+def forgetting(point: dict, start: dict) -> float:
+    """Forgetting at a curve point: its held-out Shakespeare loss minus the pretrained model's."""
+    return float(point["shakespeare_loss"]) - float(start["shakespeare_loss"])
+
+
+def point_at(record: dict, step: int) -> dict | None:
+    """The curve point of ``record`` at ``step``: with a constant rate after a fixed warm-up, the
+    checkpoint at step s is the s-step run. None when the curve has no point there (or the run
+    diverged before it)."""
+    return next((p for p in record["curve"] if p["step"] == step), None)
+
+
+def front(records: list[dict], step: int) -> list[dict]:
+    """One method's learning-forgetting points at run length ``step``, one per learning rate (mean
+    over the seeds present): ``lr``, ``task_accuracy`` and ``forgetting`` as (mean, std), and the
+    number of seeds ``n``. Learning rates whose runs have no point at ``step`` are left out."""
+    points = []
+    for lr in sorted({r["lr"] for r in records}):
+        at = [
+            (point_at(r, step), r["curve"][0])
+            for r in records
+            if r["lr"] == lr and point_at(r, step) is not None
+        ]
+        if not at:
+            continue
+        acc = [float(p["task_accuracy"]) for p, _ in at]
+        lost = [forgetting(p, start) for p, start in at]
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        points.append(
+            {
+                "lr": lr,
+                "task_accuracy": (statistics.fmean(acc), sd(acc)),
+                "forgetting": (statistics.fmean(lost), sd(lost)),
+                "n": len(at),
+            }
+        )
+    return points
+
+
+def forgetting_at_accuracy(records: list[dict], level: float, step: int) -> float | None:
+    """Forgetting at matched accuracy, read from one seed's front (records of one method and seed,
+    one per learning rate): the least forgetting among the rates whose task accuracy at run length
+    ``step`` reaches ``level``. None when no rate reaches it."""
+    reached = [
+        forgetting(p, r["curve"][0])
+        for r in records
+        if (p := point_at(r, step)) is not None and p["task_accuracy"] >= level
+    ]
+    return min(reached) if reached else None
+
+
+def best_accuracy(records: list[dict], step: int) -> float:
+    """The highest task accuracy any learning rate reaches at run length ``step`` (one seed)."""
+    return max(
+        (float(p["task_accuracy"]) for r in records if (p := point_at(r, step)) is not None),
+        default=0.0,
+    )
+
+
+def by_seed(records: list[dict]) -> dict[int, list[dict]]:
+    """``{seed: records}``, seeds in order."""
+    seeds: dict[int, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        seeds.setdefault(r["seed"], []).append(r)
+    return seeds

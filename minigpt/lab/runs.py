@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,7 +52,7 @@ from safetensors.torch import save
 
 from minigpt._validate import UserError, check_float, check_int
 from minigpt.adapters import save_adapter
-from minigpt.analysis import delta_ratio
+from minigpt.analysis import delta_ratio, magnitude_direction_points
 from minigpt.dora import replace_linear_with_dora
 from minigpt.lab.task import (
     FinetuneData,
@@ -63,6 +65,7 @@ from minigpt.lora import count_parameters, replace_linear_with_lora
 from minigpt.pissa import replace_linear_with_pissa
 from minigpt.train import (
     TrainConfig,
+    TrainingDiverged,
     evaluate,
     save_checkpoint,
     seed_everything,
@@ -72,19 +75,24 @@ from minigpt.train import (
 METHODS = ("full", "lora", "rslora", "pissa", "dora")
 
 
-# One grid for all methods, in steps of 2x: fine enough for LoRA's narrow window of usable rates,
-# and wide enough that every method's chosen rate has a tried neighbour on both sides (at 200 steps
-# from the Muon-pretrained base; LoRA, rsLoRA and PiSSA diverge at the grid's top rate).
-LR_GRID = (1.5e-3, 3e-3, 6e-3, 1.2e-2)
+# One grid for all methods, from where a method barely learns (1e-4) to where its learning collapses
+# (1.6e-2), in steps of 2 where the methods' best rates lie: the same runs choose each method's rate
+# (seed 0, validation prompts) and trace its learning-forgetting front (Biderman et al., 2024,
+# compare methods over many learning rates).
+LR_GRID = (1e-4, 3e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
 
 
 SMOKE_LR_GRID = (1e-3, 5e-3)
 
 
-# 200 steps: from the Muon-pretrained base the task is learnt by then (400 steps saturated every
-# method at
-# 100 %, so accuracy no longer told them apart), and the course keeps to its time with three seeds.
+# 200 steps: the task is learnt by then at a good rate, and the course keeps to its time with three
+# seeds on the whole grid.
 DEFAULT_STEPS, SMOKE_STEPS = 200, 4
+
+
+# A fixed warm-up, then a constant rate: the checkpoint at step s of a run is then exactly the
+# s-step run (same batches, same rates), so one run gives the front at several run lengths.
+WARMUP_STEPS = 20
 
 
 DEFAULT_RANK, DEFAULT_ALPHA = 32, 64.0
@@ -96,16 +104,16 @@ DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 
 
-# Forgetting and domain loss on the first 10 batches of 32 rows (~10 K tokens) of each held-out
-# text. Every run is measured on the same batches, so differences between runs are paired; the
-# measurement was a fifth of a 200-step run's cost at 20 batches.
-EVAL_BATCHES = 10
+# Forgetting and domain loss on the first 16 batches of 32 rows (16,384 tokens) of each held-out
+# text, at the end and at every checkpoint of the curve. Every run is measured on the same batches,
+# so differences between runs are paired.
+EVAL_BATCHES = 16
 
 
 WEIGHT_DECAY = 0.0
 
 
-LAB_VERSION = 6  # part of every cache key: raise it when what a run measures changes
+LAB_VERSION = 8  # part of every cache key: raise it when what a run measures changes
 
 
 # The lab trains in the precision train() picks ("auto": bf16 autocast on CPUs with native bf16 and
@@ -136,6 +144,10 @@ RECORD_KEYS = (
     "task_accuracy_before",
     "domain_loss_before",
 )
+
+
+# Keys of each point of a run's ``curve`` (its learning-forgetting trajectory).
+CURVE_KEYS = ("step", "val_accuracy", "task_accuracy", "shakespeare_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,17 +229,19 @@ def curve_point(
     data: FinetuneData,
     eval_batches: int = EVAL_BATCHES,
     step: int = 0,
-    val_accuracy: float | None = None,
+    accuracies: tuple[float, float] | None = None,
 ) -> dict:
-    """One point of a learning-forgetting curve: validation accuracy (unless given), and forgetting
-    on a quarter of the evaluation batches (a cheaper estimate than the final one)."""
+    """One point of a learning-forgetting curve (:data:`CURVE_KEYS`): validation and held-out task
+    accuracy (unless given, in that order) and forgetting on the same batches as the final
+    measurement."""
     _, _, shakespeare_val = finetune_loaders(data, finetune_context(model), BATCH_SIZE)
-    if val_accuracy is None:
-        val_accuracy = task_accuracy(model, data.task_val)
+    if accuracies is None:
+        accuracies = (task_accuracy(model, data.task_val), task_accuracy(model, data.task_eval))
     return {
         "step": step,
-        "val_accuracy": val_accuracy,
-        "shakespeare_loss": evaluate(model, shakespeare_val, max(1, eval_batches // 4)),
+        "val_accuracy": accuracies[0],
+        "task_accuracy": accuracies[1],
+        "shakespeare_loss": evaluate(model, shakespeare_val, eval_batches),
     }
 
 
@@ -239,13 +253,22 @@ def finetune(
     progress: bool = False,
     start: dict | None = None,
     device: torch.device | str | None = None,
+    on_checkpoint: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of ``base`` as ``spec`` says; returns the model and its record (uncached).
 
     ``start`` is the curve's first point, ``curve_point(base, data, eval_batches)``: the same for
     every run on one base, so the lab computes it once. The copy trains on ``device`` (None:
     ``base``'s device), in the precision :data:`LAB_PRECISION` resolves to there, and is returned
-    there; ``base`` itself does not move.
+    there; ``base`` itself does not move. ``on_checkpoint(step, model)`` is called at every point
+    of the curve after the start (the end included), for analyses that need the weights there.
+    At the same points the record's ``weight_changes`` collects DoRA's magnitude and direction
+    changes of the query and value weights
+    (:func:`~minigpt.analysis.magnitude_direction_points`, Liu et al., 2024, §3.2).
+
+    A run whose loss or gradient becomes NaN or inf stops there (:class:`TrainingDiverged`) and is
+    measured with the weights it kept; its record says ``diverged_at`` (None for a finished run),
+    so the learning-forgetting front shows where each method's rates stop working.
     """
     if device is None:
         device = next(base.parameters()).device
@@ -255,16 +278,20 @@ def finetune(
         data, finetune_context(base), spec.batch_size, seed=spec.seed
     )
     curve: list[dict] = []
+    weight_changes: list[dict] = []
 
     def checkpoint(step: int, current: nn.Module) -> None:
         if step < spec.steps:
             curve.append(curve_point(current, data, eval_batches, step))
+            weight_changes.extend(magnitude_direction_points(base, current, step))
+            if on_checkpoint is not None:
+                on_checkpoint(step, current)
 
     cfg = TrainConfig(
         steps=spec.steps,
         lr=spec.lr,
-        min_lr=spec.lr / 10,
-        warmup_steps=max(1, spec.steps // 10),
+        min_lr=spec.lr,
+        warmup_steps=min(WARMUP_STEPS, max(1, spec.steps // 10)),
         weight_decay=WEIGHT_DECAY,
         seed=spec.seed,
         device=str(device),
@@ -272,7 +299,11 @@ def finetune(
         eval_interval=spec.curve_every or spec.steps,
         precision=LAB_PRECISION,
     )
-    history = train(model, train_loader, None, cfg, callback=checkpoint)
+    diverged_at = None
+    try:
+        history = train(model, train_loader, None, cfg, callback=checkpoint)
+    except TrainingDiverged as err:
+        diverged_at, history = err.step, err.history
     model.eval()
     record = {
         "method": spec.method,
@@ -287,14 +318,30 @@ def finetune(
         "delta_ratio": delta_ratio(base, model),
         "seconds": history.seconds,
         "checkpoint_bytes": checkpoint_bytes(model, spec.method),
-        "train_loss_last": sum(history.train_loss[-20:]) / len(history.train_loss[-20:]),
+        "train_loss_last": (
+            sum(history.train_loss[-20:]) / len(history.train_loss[-20:])
+            if history.train_loss
+            else math.inf
+        ),
         "train_loss": history.train_loss,
+        "diverged_at": diverged_at,
     }
+    end = diverged_at if diverged_at is not None else spec.steps
     record["curve"] = [
         start or curve_point(base, data, eval_batches),
         *curve,
-        curve_point(model, data, eval_batches, spec.steps, record["val_accuracy"]),
+        {
+            "step": end,
+            "val_accuracy": record["val_accuracy"],
+            "task_accuracy": record["task_accuracy"],
+            "shakespeare_loss": record["shakespeare_loss"],
+        },
     ]
+    if diverged_at is None:
+        weight_changes.extend(magnitude_direction_points(base, model, spec.steps))
+    record["weight_changes"] = weight_changes
+    if on_checkpoint is not None and diverged_at is None:
+        on_checkpoint(spec.steps, model)
     return model, record
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from minigpt.classroom.checks import check
+from minigpt.classroom.checks import check, fetched
 from minigpt.lora import LoRALayer
 
 ALPHAS_AND_RANKS = ((16.0, 1), (16.0, 4), (8.0, 16), (32.5, 64), (1.0, 128), (16, 256))
@@ -205,3 +205,36 @@ def exercise_3_one_step_output_matches_sgd(nb):
                 "the mean and that the scaling appears twice"
             ),
         )
+
+
+def _verdicts(decide, cases) -> list[str]:
+    """The notebook's decision rule on each case of arguments; each verdict must be one line."""
+    verdicts = []
+    for args in cases:
+        verdict = fetched(decide(*args))
+        assert isinstance(verdict, str) and verdict.strip() and "\n" not in verdict.strip(), (
+            f"the decision rule must return a one-line verdict (a str), got {verdict!r}"
+        )
+        verdicts.append(verdict)
+    return verdicts
+
+
+@check(points=1)
+def exercise_4_decide_tells_the_outcomes_apart(nb):
+    """Exercise 4: the decision rule returns a one-line verdict, tells the hypothesis's outcome
+    from the opposite one, and takes math.inf for a diverged run."""
+    stays, drops = [1.44, 1.46, 1.43], [1.94, 1.97, 1.95]
+    moves = ([2.70, 2.72, 2.69], drops)  # the next rate up helps, far beyond the spread
+    holds, fails, diverged = _verdicts(
+        nb.exercise_4_decide,
+        (
+            (moves, (stays, [1.45, 1.44, 1.46])),
+            ((stays, [1.45, 1.44, 1.46]), moves),
+            (moves, (stays, [1.45, math.inf, 1.46])),
+        ),
+    )
+    assert holds != fails, (
+        "exercise_4_decide gives the same verdict when only LoRA gains from the higher rate and "
+        f"when only rsLoRA does ({holds!r}): the rule cannot decide the question"
+    )
+    assert diverged, "a diverged run (math.inf) must still give a verdict"

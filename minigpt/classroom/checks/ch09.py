@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.classroom.checks import check, inside
+from minigpt.classroom.checks import check, fetched, inside
 
 # (in_features, out_features, rank): wide, tall and square layers.
 SHAPES = ((12, 7, 3), (5, 16, 2), (9, 9, 4))
@@ -373,3 +373,82 @@ def exercise_3_unmerge(nb):
             layer.linear.weight.detach(), layer.magnitude.detach(), norm, delta
         )
         torch.testing.assert_close(got, W0, msg="W0 = W' * (norm / m) per row - ΔW")
+
+
+def _verdicts(decide, cases) -> list[str]:
+    """The notebook's decision rule on each case of arguments; each verdict must be one line."""
+    verdicts = []
+    for args in cases:
+        verdict = fetched(decide(*args))
+        assert isinstance(verdict, str) and verdict.strip() and "\n" not in verdict.strip(), (
+            f"the decision rule must return a one-line verdict (a str), got {verdict!r}"
+        )
+        verdicts.append(verdict)
+    return verdicts
+
+
+@check(points=1)
+def exercise_5_decide_tells_a_cost_from_none(nb):
+    """Exercise 5: the decision rule returns a one-line verdict, not the same one for a clear cost
+    and for none."""
+    in_graph = [1.51, 1.50, 1.52]
+    free, costly = _verdicts(
+        nb.exercise_5_decide, (([1.50, 1.52, 1.51], in_graph), ([2.00, 2.02, 2.01], in_graph))
+    )
+    assert free != costly, (
+        "exercise_5_decide gives the same verdict when detaching the norm changes nothing and when "
+        f"it costs half a nat ({free!r}): the rule cannot decide the question"
+    )
+
+
+def _head_points(seed: int) -> list[dict]:
+    """One run's points for one matrix: per-head ΔM, ΔD on a (layer, step) trend plus noise."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for layer in range(3):
+        for step in (10, 20, 30, 40):
+            trend = (1 + layer) * step / 40
+            spread = rng.normal(size=4)
+            points.append(
+                {
+                    "layer": layer,
+                    "step": step,
+                    "head_dM": [float(v) for v in trend + 0.2 * spread],
+                    "head_dD": [float(v) for v in 0.01 * (trend + rng.normal(size=4) - spread)],
+                }
+            )
+    return points
+
+
+@check(points=2)
+def exercise_4_detrended_correlation(nb):
+    """Exercise 4: the correlation of per-head deviations within each (layer, checkpoint) cell
+    equals the lab's detrended statistic (minigpt.lab.dora_analysis)."""
+    from minigpt.lab.dora_analysis import detrended_correlation
+
+    for seed in (991, 992, 993):
+        points = _head_points(seed)
+        got = float(nb.exercise_4_detrended_correlation(points))
+        np.testing.assert_allclose(
+            got,
+            detrended_correlation(points),
+            rtol=1e-9,
+            err_msg="subtract each point's mean over its heads from head_dM and from head_dD, "
+            "pool the deviations of all points, then np.corrcoef(ΔD deviations, ΔM deviations)",
+        )
+    # a trend shared by every head and opposite deviations: +1 pooled, −1 once the trend is removed
+    opposite = [
+        {
+            "layer": layer,
+            "step": step,
+            "head_dM": [layer + step + d for d in (-0.1, 0.0, 0.1)],
+            "head_dD": [layer + step - d for d in (-0.1, 0.0, 0.1)],
+        }
+        for layer in range(2)
+        for step in (1, 2)
+    ]
+    got = float(nb.exercise_4_detrended_correlation(opposite))
+    assert abs(got + 1.0) < 1e-9, (
+        "heads that gain length where they lose direction within every cell give -1; got "
+        f"{got:+.3f} (was the trend shared by the whole cell removed before correlating?)"
+    )

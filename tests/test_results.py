@@ -1,0 +1,493 @@
+"""``docs/results.md`` is rendered from the committed records: every section from its record, a
+missing record named by the command that writes it, a damaged one named in one line, ``--check``
+for CI, the ``--json`` options that write the records, and the committed page equal to its
+records."""
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import minigpt.lab.pretrained as pretrained
+from minigpt.__main__ import main
+from minigpt.course.results import PRODUCERS, RECORDS_DIR, RESULTS_PAGE, render
+from minigpt.device import command_line, machine_description, run_record
+
+MACHINE = {
+    "cpu": "Example CPU 9000",
+    "cores": 2,
+    "cpu_bf16": True,
+    "gpu": None,
+    "torch": "2.13.0",
+    "python": "3.11.7",
+    "system": "Linux",
+}
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def header(kind: str, command: str) -> dict:
+    return {"kind": kind, "machine": MACHINE, "date": "2026-12-01", "command": command}
+
+
+def pretraining_record() -> dict:
+    return {
+        **header("pretraining", "python -m minigpt train --json pretraining.json"),
+        "recipe": {"preset": "tiny", "steps": 1400, "batch_size": 64, "lr": 0.006, "seed": 123},
+        "model": {
+            "n_layer": 4,
+            "n_head": 4,
+            "n_embd": 128,
+            "context_length": 32,
+            "vocab_size": 4096,
+        },
+        "parameters": 1321728,
+        "device": "cpu",
+        "precision": "bf16",
+        "seconds": 167.2,
+        "train_seconds": 155.4,
+        "tokens_per_second": 15849.0,
+        "val_loss": 3.5281,
+        "held_out": {
+            "nats_per_token": 3.5402,
+            "nats_per_char": 1.4871,
+            "bits_per_char": 2.1454,
+            "tokens": 200704,
+            "chars": 476252,
+        },
+        "unseen_in_finetuning": 0.0,
+    }
+
+
+def compare_run(method: str, seed: int, lr: float, accuracy: float, sha: float, **extra) -> dict:
+    return {
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "rank": 32,
+        "alpha": 64,
+        "steps": 200,
+        "trainable": 294912 if method != "full" else 1321728,
+        "task_accuracy": accuracy,
+        "val_accuracy": accuracy,
+        "domain_loss": 3.0,
+        "shakespeare_loss": sha,
+        "shakespeare_loss_before": 3.5,
+        "task_accuracy_before": 0.0,
+        "domain_loss_before": 2.9,
+        "delta_ratio": 0.4,
+        "seconds": 60.0,
+        "checkpoint_bytes": 2**20,
+        "diverged_at": None,
+        "curve": [{"step": 50, "val_accuracy": 0.5, "task_accuracy": 0.5, "shakespeare_loss": 4.0}],
+        **extra,
+    }
+
+
+def compare_record() -> dict:
+    runs = [
+        compare_run("lora", 0, 0.003, 0.90, 4.9),
+        compare_run("lora", 0, 0.006, 0.96, 5.0),
+        compare_run("lora", 1, 0.006, 0.98, 5.1),
+        compare_run("lora", 2, 0.006, 1.00, 5.2),
+        compare_run(
+            "lora", 0, 0.012, 0.0, None, task_accuracy=None, diverged_at=57, delta_ratio=None
+        ),
+        compare_run("full", 0, 0.003, 1.00, 5.2),
+        compare_run("full", 1, 0.003, 1.00, 5.2),
+        compare_run("full", 2, 0.003, 1.00, 5.2),
+    ]
+    return {
+        **header("compare", "python -m minigpt compare --seeds 3 --json compare.json"),
+        "settings": {
+            "rank": 32,
+            "alpha": 64,
+            "steps": 200,
+            "grid": [0.003, 0.006, 0.012],
+            "seeds": 3,
+            "eval_tokens": 10240,
+        },
+        "chosen": {"lora": 0.006, "full": 0.003},
+        "records": runs,
+    }
+
+
+def bench_record() -> dict:
+    def row(ms: float, memory: int) -> dict:
+        return {
+            "median_s": ms / 1000,
+            "times": [ms / 1000],
+            "tokens_per_s": 512 / (ms / 1000),
+            "memory": {
+                "parameters": memory // 2,
+                "gradients": memory // 4,
+                "optimizer": memory // 8,
+                "activations": memory // 8,
+                "total": memory,
+            },
+        }
+
+    settings = {
+        "preset": "tiny",
+        "batch_size": 16,
+        "rank": 8,
+        "alpha": 16.0,
+        "warmup": 3,
+        "repeats": 20,
+        "seed": 0,
+    }
+    training = {
+        "full": row(100.0, 2**24),
+        "lora": row(80.0, 2**23),
+        "peft-lora": row(82.0, 2**23),
+        "dora": row(93.0, 2**23 + 2**20),
+        "peft-dora": row(100.0, 2**23 + 2**20),
+    }
+    inference = {
+        name: {"median_s": ms / 1000, "times": [ms / 1000], "tokens_per_s": 512 / (ms / 1000)}
+        for name, ms in (("base", 10.0), ("lora-unmerged", 14.7), ("lora-merged", 10.16))
+    }
+    return {
+        **header("bench", "python -m minigpt bench --json bench.json"),
+        "settings": settings,
+        "seconds": 95.0,
+        "result": {
+            "settings": settings,
+            "device": "cpu",
+            "device_name": "",
+            "precision": "fp32",
+            "tokens_per_batch": 512,
+            "training": training,
+            "inference": inference,
+            "merge_max_abs_diff": 1e-7,
+        },
+    }
+
+
+def course_record() -> dict:
+    return {
+        **header("course", "python -m minigpt course --json course.json"),
+        "smoke": False,
+        "cache_was_empty": True,
+        "chapters": [
+            {"chapter": "01", "notebook": "01_rank_and_low_rank", "seconds": 7.2},
+            {"chapter": "05", "notebook": "05_pretraining", "seconds": 189.4},
+        ],
+        "seconds": 872.0,
+    }
+
+
+def dora_record() -> dict:
+    def entry(corr: float, paper: float) -> dict:
+        spread = {"per_seed": [corr, corr], "mean": corr, "std": 0.01}
+        return {"seeds": [0, 1], "steps": [50, 100], "paper": paper, "corr": spread}
+
+    return {
+        **header("dora_analysis", "python -m minigpt dora-analysis --json dora_analysis.json"),
+        "settings": {"seeds": 2},
+        "points": [],
+        "summary": {
+            "full": {"query": entry(0.55, -0.62)},
+            "lora": {"query": entry(0.97, 0.83), "value": {"seeds": [0], "corr": None}},
+        },
+    }
+
+
+RECORDS = {
+    "pretraining": pretraining_record,
+    "compare": compare_record,
+    "bench": bench_record,
+    "course": course_record,
+    "dora_analysis": dora_record,
+}
+
+
+def write_records(folder: Path, kinds=tuple(RECORDS)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        (folder / f"{kind}.json").write_text(json.dumps(RECORDS[kind]()), encoding="utf-8")
+    return folder
+
+
+def table_row(page: str, start: str) -> str:
+    rows = [line for line in page.splitlines() if line.startswith(start)]
+    assert len(rows) == 1, (start, rows)
+    return rows[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The page
+
+
+def test_every_section_comes_from_its_record_with_machine_and_date(tmp_path):
+    page = render(write_records(tmp_path / "records"))
+    assert page.splitlines()[0] == "# Measured results"
+    assert "generated by `python -m minigpt results`" in page and "edited by hand" in page
+    machine_lines = [line for line in page.splitlines() if line.startswith("*Machine:")]
+    assert len(machine_lines) == 5
+    for line in machine_lines:
+        assert "Example CPU 9000, 2 logical cores" in line and "no GPU" in line
+        assert "torch 2.13.0" in line and "2026-12-01" in line
+    assert "No record yet" not in page and str(tmp_path) not in page
+    # pretraining
+    assert "**1.487 nats/char**" in page and "1,321,728" in page
+    assert "155 s of training (15,849 tokens/s)" in page
+    # compare: chosen learning rate, mean ± std over the seeds
+    assert table_row(page, "| lora | 0.006 | 3 | 294,912") == (
+        "| lora | 0.006 | 3 | 294,912 | 98.0 ± 2.0 % | 3.000 ± 0.000 | 5.100 ± 0.100 | "
+        "0.400 ± 0.000 | 60 | 1.00 MiB |"
+    )
+    assert table_row(page, "| pretrained |").startswith("| pretrained | – | – | 0 | 0.0 % | 2.900")
+    # the learning-forgetting front: every rate, the chosen one and a diverged run marked
+    assert table_row(page, "| lora | 0.003 | 1 |") == "| lora | 0.003 | 1 | 90.0 % | +1.400 |  |"
+    assert table_row(page, "| lora | 0.006 | 3 | 98.0 %").endswith("| +1.600 | chosen |")
+    assert table_row(page, "| lora | 0.012 |") == (
+        "| lora | 0.012 | 1 | – | – | seed 0 diverged at step 57 |"
+    )
+    # dora analysis summary
+    assert "| method | matrix | seeds | corr | paper |" in page
+    assert "| lora | query | 2 | 0.970 ± 0.010 | 0.83 |" in page
+    assert "| lora | value | 1 | – | – |" in page
+    # bench
+    assert table_row(page, "| lora step time / peft-lora") == (
+        "| lora step time / peft-lora <= 1 | 0.976 | within the target |"
+    )
+    assert table_row(page, "| lora-unmerged |").endswith("| 1.470 |")
+    assert "the bench took 95.0 s" in page
+    # course
+    assert "| chapter | 01 | 05 | total |" in page
+    assert "| seconds | 7 | 189 | 872 s (14.5 min) |" in page
+    assert "from an empty cache" in page
+    assert render(tmp_path / "records") == page  # the same records, the same bytes
+
+
+def test_a_missing_record_names_the_command_that_writes_it(tmp_path):
+    page = render(write_records(tmp_path / "records", kinds=("bench",)))
+    for kind in ("pretraining", "compare", "dora_analysis", "course"):
+        assert f"No record yet: `{PRODUCERS[kind]}` writes it." in page
+    assert "No record yet: `python -m minigpt bench" not in page
+    assert "| lora step time / peft-lora" in page
+
+
+def test_a_dora_record_without_a_summary_it_can_show_renders_without_a_table(tmp_path):
+    folder = tmp_path / "records"
+    folder.mkdir()
+    for summary in (None, {}, {"correlation": {"full": 0.55}}, {"lora": {"query": {"a": 1}}}):
+        record = {**dora_record(), "summary": summary}
+        (folder / "dora_analysis.json").write_text(json.dumps(record))
+        assert "holds no summary this page can show" in render(folder)
+
+
+def damage(kind: str, how: str) -> str:
+    record = RECORDS[kind]()
+    if how == "json":
+        return json.dumps(record)[:-5]
+    if how == "kind":
+        record["kind"] = "bench" if kind != "bench" else "course"
+    elif how == "top":
+        del record[{"compare": "records", "bench": "result"}.get(kind, "machine")]
+    elif how == "nested" and kind == "compare":
+        del record["records"][2]["seed"]
+    elif how == "nested" and kind == "bench":
+        del record["result"]["training"]["peft-dora"]
+    elif how == "nested":
+        record["held_out"] = {"nats_per_char": "many"}
+    return json.dumps(record)
+
+
+@pytest.mark.parametrize(
+    "kind, how",
+    [
+        ("pretraining", "json"),
+        ("compare", "kind"),
+        ("compare", "top"),
+        ("compare", "nested"),
+        ("bench", "top"),
+        ("bench", "nested"),
+        ("course", "top"),
+        ("pretraining", "nested"),
+    ],
+)
+def test_a_damaged_record_is_one_line_naming_the_file(tmp_path, capsys, kind, how):
+    folder = write_records(tmp_path / "records")
+    (folder / f"{kind}.json").write_text(damage(kind, how), encoding="utf-8")
+    out = tmp_path / "results.md"
+    code, stdout, err = run_cli(capsys, "results", "--records", folder, "--out", out)
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{kind}.json" in err and "damaged" in err and not out.exists()
+
+
+def test_check_passes_on_a_fresh_page_and_fails_on_a_changed_or_missing_one(tmp_path, capsys):
+    folder = write_records(tmp_path / "records")
+    out = tmp_path / "docs" / "results.md"
+    code, _, err = run_cli(capsys, "results", "--records", folder, "--out", out, "--check")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+    assert run_cli(capsys, "results", "--records", folder, "--out", out)[0] == 0
+    assert out.read_text(encoding="utf-8") == render(folder)
+    code, stdout, _ = run_cli(capsys, "results", "--records", folder, "--out", out, "--check")
+    assert code == 0 and "matches" in stdout
+    out.write_text(out.read_text(encoding="utf-8").replace("1.487", "1.400"), encoding="utf-8")
+    code, _, err = run_cli(capsys, "results", "--records", folder, "--out", out, "--check")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "differs" in err
+    # a record that changed makes the page stale too
+    assert run_cli(capsys, "results", "--records", folder, "--out", out)[0] == 0
+    record = pretraining_record()
+    record["held_out"]["nats_per_char"] = 1.2
+    (folder / "pretraining.json").write_text(json.dumps(record))
+    assert run_cli(capsys, "results", "--records", folder, "--out", out, "--check")[0] == 1
+
+
+def test_a_records_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "results", "--records", tmp_path / "nope", "--check")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nope" in err
+
+
+def test_results_help_states_its_defaults_without_machine_paths(capsys):
+    code, out, _ = run_cli(capsys, "results", "--help")
+    assert code == 0 and "example:\n  python -m minigpt results" in out
+    assert "docs/records/" in out and "docs/results.md" in out
+    assert str(RECORDS_DIR) not in out and "``" not in out
+
+
+# --------------------------------------------------------------------------------------------------
+# The records' header
+
+
+def test_a_record_names_the_machine_and_date_but_no_host_user_or_path():
+    description = machine_description()
+    assert set(description) == {"cpu", "cores", "cpu_bf16", "gpu", "torch", "python", "system"}
+    assert description["cores"] == os.cpu_count() and description["cpu"]
+    host = socket.gethostname()
+    if len(host) > 4:
+        assert host not in json.dumps(description)
+    record = run_record("bench", "bench", ["--json", "/home/someone/x/bench.json"], {"a": 1})
+    assert record["command"] == "python -m minigpt bench --json bench.json"
+    assert record["kind"] == "bench" and record["a"] == 1
+    assert len(record["date"]) == 10 and record["date"][4] == "-"
+    assert command_line("train", ["--out=/tmp/a b/m.safetensors", "--steps", "3"]) == (
+        "python -m minigpt train --out=m.safetensors --steps 3"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The --json options: checked before any work, records the renderer reads
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before --json was checked")
+
+    monkeypatch.setattr(pretrained, "pretrain", refuse)
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "course"])
+def test_a_bad_json_destination_fails_in_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, no_training, command
+):
+    import minigpt.course.execute
+    import minigpt.lab.bench
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before --json was checked")
+
+    monkeypatch.setattr(minigpt.lab.bench, "run_benchmarks", refuse)
+    monkeypatch.setattr(minigpt.course.execute, "execute_notebook", refuse)
+    extra = {
+        "train": ["--smoke", "--out", tmp_path / "m.safetensors"],
+        "bench": ["--smoke"],
+        "course": ["--smoke", "--chapters", "01", "--out", tmp_path / "course"],
+    }[command]
+    start = time.perf_counter()
+    code, out, err = run_cli(capsys, command, *extra, "--json", tmp_path)  # a folder
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--json" in err and str(tmp_path) in err
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "course").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_train_refuses_a_record_that_would_replace_its_checkpoint(tmp_path, capsys, no_training):
+    model = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "train", "--smoke", "--out", model, "--json", model)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "same file" in err
+
+
+def test_course_json_records_each_chapters_time(tmp_path, capsys, monkeypatch):
+    import minigpt.course.execute
+
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    for name in ("01_first.ipynb", "02_second.ipynb"):
+        nbformat.write(nbformat.v4.new_notebook(), chapters / name)
+    monkeypatch.setattr(
+        minigpt.course.execute, "execute_notebook", lambda path, **_: nbformat.read(path, 4)
+    )
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "empty-cache"))
+    records = tmp_path / "records"
+    argv = ["course", "--smoke", "--chapters-dir", chapters, "--out", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv, "--json", records / "course.json")
+    assert code == 0, err
+    record = json.loads((records / "course.json").read_text())
+    assert record["kind"] == "course" and record["smoke"] is True
+    assert record["cache_was_empty"] is True
+    assert [c["chapter"] for c in record["chapters"]] == ["01", "02"]
+    assert record["seconds"] >= sum(c["seconds"] for c in record["chapters"])
+    assert str(tmp_path) not in record["command"]
+    assert "| chapter | 01 | 02 | total |" in render(records)
+
+
+def test_bench_json_records_settings_and_results(tmp_path, capsys, monkeypatch):
+    import minigpt.lab.bench
+
+    pytest.importorskip("peft", reason="the bench refuses to run without peft")
+
+    result = bench_record()["result"]
+    result["settings"] = minigpt.lab.bench.SMOKE_SETTINGS  # as run_benchmarks returns it
+    monkeypatch.setattr(minigpt.lab.bench, "run_benchmarks", lambda *a, **k: result)
+    monkeypatch.setattr(minigpt.lab.bench, "format_report", lambda result: "report")
+    records = tmp_path / "records"
+    code, _, err = run_cli(capsys, "bench", "--smoke", "--json", records / "bench.json")
+    assert code == 0, err
+    record = json.loads((records / "bench.json").read_text())
+    assert record["kind"] == "bench" and record["settings"]["preset"] == "micro"
+    assert record["result"]["settings"]["repeats"] == 3 and record["seconds"] >= 0
+    assert "| lora step time / peft-lora <= 1 | 0.976 |" in render(records)
+
+
+def test_a_smoke_training_record_renders(tmp_path, capsys):
+    records = tmp_path / "records"
+    argv = ["train", "--smoke", "--out", tmp_path / "m.safetensors"]
+    code, out, err = run_cli(capsys, *argv, "--json", records / "pretraining.json")
+    assert code == 0, err
+    record = json.loads((records / "pretraining.json").read_text())
+    assert record["kind"] == "pretraining" and record["recipe"]["preset"] == "micro"
+    assert record["parameters"] > 0 and record["train_seconds"] > 0
+    assert record["seconds"] >= record["train_seconds"]
+    assert record["held_out"]["nats_per_char"] > 0 and record["val_loss"] > 0
+    assert str(tmp_path) not in json.dumps(record)
+    page = render(records)
+    assert f"**{record['held_out']['nats_per_char']:.3f} nats/char**" in page
+
+
+# --------------------------------------------------------------------------------------------------
+# The committed page
+
+
+def test_results_page_matches_records():
+    if not RECORDS_DIR.is_dir():
+        pytest.skip("docs/records/ does not exist yet: the records come from an idle run")
+    assert RESULTS_PAGE.read_bytes() == render(RECORDS_DIR).encode("utf-8"), (
+        "docs/results.md differs from its records: run python -m minigpt results"
+    )
