@@ -140,3 +140,13 @@ def by_seed(records: list[dict]) -> dict[int, list[dict]]:
     for r in sorted(records, key=lambda r: r["seed"]):
         seeds.setdefault(r["seed"], []).append(r)
     return seeds
+
+
+def protocol_table(rows: list[tuple[str, str, str]]) -> str:
+    """A "paper vs miniature" table in Markdown: one (aspect, the paper, this miniature) per row.
+
+    The chapters build the miniature's column from the run, so its numbers are the run's own.
+    """
+    lines = ["| | the paper | this miniature |", "|---|---|---|"]
+    lines += [f"| {aspect} | {paper} | {ours} |" for aspect, paper, ours in rows]
+    return "\n".join(lines)
