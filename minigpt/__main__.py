@@ -12,36 +12,46 @@ from pathlib import Path
 
 def cmd_course(args: argparse.Namespace) -> int:
     """Execute the chapters in order (fresh kernels) and save the executed copies in ``--out``."""
+    from minigpt._validate import UserError
     from minigpt.course.chapters import chapter_paths, parse_chapters, write_notebook_atomic
     from minigpt.course.colab import chapters_missing_message
     from minigpt.course.execute import execute_notebook
-    from minigpt.device import run_record, write_run_record
-    from minigpt.io import cache_dir, check_writable_file
+    from minigpt.device import check_record_destination, run_record, write_run_record
+    from minigpt.io import cache_dir, check_writable_file, check_writable_folder
 
     try:
         wanted = parse_chapters(args.chapters)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(f"--chapters: {err}") from None
     every = chapter_paths(args.chapters_dir)
     if not every:
-        print(
-            f"python -m minigpt course: {chapters_missing_message(args.chapters_dir)}",
-            file=sys.stderr,
-        )
-        return 2
+        raise UserError(chapters_missing_message(args.chapters_dir))
     paths = [p for p in every if wanted is None or p.name[:2] in wanted]
     if not paths:
-        print(
-            f"python -m minigpt course: no chapters {', '.join(wanted or [])} "
-            f"in {args.chapters_dir}",
-            file=sys.stderr,
+        raise UserError(f"--chapters: no chapters {', '.join(wanted or [])} in {args.chapters_dir}")
+    # every destination before the chapters run, not after them: the executed copies never
+    # replace the chapters, and the record replaces nothing but a record
+    out, chapters_dir = _real(args.out), _real(args.chapters_dir)
+    if _inside(out, chapters_dir):
+        raise UserError(
+            f"--out {args.out} is the chapters folder or inside it ({args.chapters_dir}): the "
+            "executed copies would replace the chapters; choose another folder"
         )
-        return 2
     if args.json is not None:
-        check_writable_file(args.json, "--json")  # before the chapters run, not after them
+        json_path = _real(args.json)
+        for folder, option in ((out, "--out"), (chapters_dir, "--chapters-dir")):
+            if _inside(json_path, folder):
+                raise UserError(
+                    f"--json {args.json} is inside the {option} folder, among the notebooks; "
+                    "write the record elsewhere"
+                )
+        if json_path.suffix.lower() == ".ipynb":
+            raise UserError(f"--json {args.json} names a notebook; a record is a .json file")
+        check_record_destination(args.json, "--json", "course")
+    check_writable_folder(args.out, "--out")
+    for path in paths:
+        check_writable_file(Path(args.out) / path.name, "--out")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cache = cache_dir()
     cache_was_empty = not (cache.is_dir() and any(cache.iterdir()))
     total = time.perf_counter()
@@ -60,12 +70,25 @@ def cmd_course(args: argparse.Namespace) -> int:
         payload = {
             "smoke": args.smoke,
             "cache_was_empty": cache_was_empty,
+            # whether these are all the chapters, so that the results page says "the whole course"
+            # only of a run of every chapter
+            "every_chapter": len(paths) == len(every),
             "chapters": times,
             "seconds": total,
         }
         write_run_record(args.json, run_record("course", "course", _argv(args), payload))
         print(f"record: {args.json}")
     return 0
+
+
+def _real(path: str | Path) -> Path:
+    """``path`` absolute with symbolic links resolved, for telling whether two paths overlap."""
+    return Path(path).expanduser().resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether the resolved ``path`` is the resolved ``folder`` or lies inside it."""
+    return path == folder or folder in path.parents
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -78,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from minigpt._validate import UserError, check_int
-    from minigpt.device import run_record, write_run_record
+    from minigpt.device import check_record_destination, run_record, write_run_record
     from minigpt.io import check_writable_file, names_a_folder
     from minigpt.lab.pretrained import (
         SMOKE,
@@ -105,11 +128,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.out = str(Path(args.out) / f"{recipe.name}.safetensors")
     check_writable_file(args.out, "--out")  # before training, not after it
     if args.json is not None:
-        check_writable_file(args.json, "--json")
-        if Path(args.json).resolve() == Path(args.out).resolve():
+        if _real(args.json) == _real(args.out):
             raise UserError(
                 "--json and --out name the same file: the record would replace the model"
             )
+        check_record_destination(args.json, "--json", "pretraining")
     refuse_overwrite(args.out, recipe, force=args.force)
     model, history = pretrain(recipe, checkpoint=args.out, device=args.device)
     _, val_ids = shakespeare_split()
@@ -130,6 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {args.out}")
     if args.json is not None:
         payload = {
+            "smoke": args.smoke,
             "recipe": asdict(recipe),
             "recipe_name": recipe.name,
             "model": asdict(model.cfg),

@@ -179,17 +179,19 @@ def machine_description() -> dict:
 
 
 def command_line(command: str, argv: list[str]) -> str:
-    """``python -m minigpt COMMAND ARGS`` as a shell line, each absolute path cut to its file name.
+    """``python -m minigpt COMMAND ARGS`` as a shell line, each path that leaves the current folder
+    (absolute, from ``~``, or climbing out with ``..``) cut to its file name.
 
-    A record states the command that produced it; an absolute path would publish the machine's
-    folders, and only the file name tells a reader anything.
+    A record states the command that produced it; such a path would publish the machine's folders,
+    and only the file name tells a reader anything.
     """
     import shlex
     from pathlib import PurePath
 
     def shown(arg: str) -> str:
         option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        if os.path.isabs(value) or value.startswith("~"):
+        climbs = os.path.normpath(value).split(os.sep)[0] == os.pardir
+        if os.path.isabs(value) or value.startswith("~") or climbs:
             value = PurePath(value).name or value
         return f"{option}{equals}{value}"
 
@@ -231,9 +233,134 @@ def plain_json(value):  # noqa: ANN001, ANN201 - any value a record holds
     return str(value)  # a torch.device, a path given as an object
 
 
+# --------------------------------------------------------------------------------------------------
+# Checking what a record holds, value by value
+#
+# A spec is a check (a function returning what is wrong with a value, or None), a dict (an object
+# with those keys: "key?" is optional, "*" checks every other key and its name) or a one-item list
+# (a non-empty list of such items). minigpt.course.results states one spec per kind of record.
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def number_check(low: float, high: float, integer: bool = False, null: bool = False):  # noqa: ANN201
+    """A check: a number (an integer when ``integer``; or None when ``null``) in ``[low, high]``;
+    booleans, strings, NaN, infinities and numbers out of range are refused."""
+    want = f"{'an integer' if integer else 'a number'} in [{low:g}, {high:g}]"
+    want += " or null" if null else ""
+
+    def check(value: object) -> str | None:
+        if value is None and null:
+            return None
+        kinds = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            return f"must be {want}, got {_brief(value)}"  # NaN fails the comparison too
+        return None
+
+    return check
+
+
+def text_check(pattern: str = r"[^\x00-\x1f\x7f]{1,500}", null: bool = False, want: str = ""):  # noqa: ANN201
+    """A check: a string matching ``pattern`` (by default one line of text), or None when
+    ``null``."""
+    want = (want or "one line of text") + (" or null" if null else "")
+
+    def check(value: object) -> str | None:
+        if (value is None and null) or (isinstance(value, str) and re.fullmatch(pattern, value)):
+            return None
+        return f"must be {want}, got {_brief(value)}"
+
+    return check
+
+
+def flag_check(value: object) -> str | None:
+    """A check: true or false."""
+    return None if isinstance(value, bool) else f"must be true or false, got {_brief(value)}"
+
+
+def date_check(value: object) -> str | None:
+    """A check: a date written ``YYYY-MM-DD``, as :func:`run_record` writes it."""
+    from datetime import date
+
+    try:
+        date.fromisoformat(value if re.fullmatch(r"\d{4}-\d\d-\d\d", value) else "")
+    except (TypeError, ValueError):
+        return f"must be a date YYYY-MM-DD, got {_brief(value)}"
+    return None
+
+
+def check_record_values(value: object, spec: object, where: str = "") -> None:
+    """Raise ``ValueError`` naming the key path (``records[2].seed``) of the first value in
+    ``value`` that ``spec`` refuses; keys the spec does not name are not checked."""
+    if callable(spec):
+        problem = spec(value)
+        if problem:
+            raise ValueError(f"{where} {problem}")
+    elif isinstance(spec, list):
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{where} must be a non-empty list, got {_brief(value)}")
+        for index, item in enumerate(value):
+            check_record_values(item, spec[0], f"{where}[{index}]")
+    else:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where or 'the record'} must be an object, got {_brief(value)}")
+        for key in spec:
+            if key != "*" and not key.endswith("?") and key not in value:
+                raise ValueError(f"{where + '.' if where else ''}{key!r} is missing")
+        for key, item in value.items():
+            inner = spec.get(key, spec.get(f"{key}?", spec.get("*")))
+            path = f"{where}.{key}" if where else key
+            if inner is not None and "*" in spec:  # a name the page prints
+                check_record_values(key, text_check(), f"{path} (the name)")
+            if inner is not None:
+                check_record_values(item, inner, path)
+
+
+# The largest file check_record_destination reads to decide whether it is a record.
+RECORD_READ_LIMIT = 256 * 2**20
+
+
+def check_record_destination(
+    path: str | os.PathLike, option: str = "--json", kind: str | None = None
+) -> str | os.PathLike:
+    """Check a ``--json`` destination before the measurement: writable
+    (:func:`minigpt.io.check_writable_file`) and, when it exists, a record written by ``--json`` (a
+    JSON object with a ``kind``; of ``kind`` when given), which the new record replaces: that is
+    measuring again. Anything else there (a checkpoint, a README, a notebook, another command's
+    record) is a one-line :class:`UserError` naming ``option`` and the file. Returns ``path``."""
+    import json
+
+    from minigpt.io import check_writable_file
+
+    target = check_writable_file(path, option)
+    if not target.exists():
+        return path
+    refuse = f"{option} {target} exists and is not "
+    try:
+        if target.stat().st_size > RECORD_READ_LIMIT:
+            raise ValueError("too large")
+        existing = json.loads(target.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        existing = None
+    if not isinstance(existing, dict) or not isinstance(existing.get("kind"), str):
+        raise UserError(
+            refuse + "a record written by --json (a JSON object with a 'kind'); the record would "
+            "replace it: choose another file, or move that one away first"
+        )
+    if kind is not None and existing["kind"] != kind:
+        raise UserError(
+            refuse + f"a {kind} record but a {existing['kind']!r} one; the {kind} record would "
+            "replace it: choose another file"
+        )
+    return path
+
+
 def write_run_record(path: str | os.PathLike, record: dict) -> None:
     """Write ``record`` as indented JSON (:func:`plain_json`), atomically; the destination was
-    checked before the run with :func:`minigpt.io.check_writable_file`."""
+    checked before the run with :func:`check_record_destination`."""
     import json
 
     from minigpt.io import atomic_write_bytes

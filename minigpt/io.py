@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -138,16 +139,37 @@ def _refuse_folder_syntax(path: Path | str, what: str = "file") -> None:
         )
 
 
+def _not_a_regular_file(path: Path) -> str | None:
+    """What ``path`` is when it exists (symbolic links followed) and is not a regular file: a
+    rename onto it would replace a folder, a device, a FIFO or a socket with a file. None when it
+    is a regular file or does not exist."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # absent (or a link to nothing, which the rename replaces)
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"))
+    kinds += ((stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"))
+    kind = next((name for test, name in kinds if test(mode)), "a socket or other special file")
+    return f"it is {kind}, not a regular file"
+
+
 def atomic_save_file(save_fn, path: Path | str) -> None:
     """Call ``save_fn(tmp_path)`` and rename the result onto ``path`` only once it is complete and
     on disk.
 
     The temporary file sits next to ``path`` (same file system, so the rename is atomic), is fsynced
     before the rename, and is removed if anything fails, Ctrl-C included; the folder is fsynced
-    after. A ``path`` written with a trailing separator (a folder) is refused.
+    after. A ``path`` written with a trailing separator (a folder) is refused, and so is an existing
+    target that is not a regular file (a folder, a device such as ``/dev/null``, a FIFO), which the
+    rename would replace.
     """
     _refuse_folder_syntax(path)
     path = Path(path)
+    problem = _not_a_regular_file(path)
+    if problem:
+        raise WriteError(f"cannot write {path}: {problem}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(path)
@@ -260,11 +282,13 @@ def check_writable_folder(folder: Path | str, what: str = "folder") -> Path:
 
 
 def check_writable_file(path: Path | str, what: str = "file") -> Path:
-    """Refuse, before the work, a file destination that is a folder (or written as one, with a
-    trailing separator) or whose folder cannot take a file (see :func:`check_writable_folder`)."""
+    """Refuse, before the work, a file destination that exists and is not a regular file after
+    symbolic links are followed (a folder, a device such as ``/dev/null``, a FIFO: the write's
+    rename would replace it), that is written as a folder (a trailing separator), or whose folder
+    cannot take a file (see :func:`check_writable_folder`)."""
     _refuse_folder_syntax(path, what)
     path = Path(path)
-    problem = "it is a folder" if path.is_dir() else _folder_problem(path.parent)
+    problem = _not_a_regular_file(path) or _folder_problem(path.parent)
     if problem:
         raise WriteError(f"cannot write {what} {path}: {problem}")
     return path

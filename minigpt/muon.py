@@ -1,5 +1,5 @@
-"""Muon for the blocks' weight matrices, AdamW for the rest: the optimizer of the course's
-pretraining recipe.
+"""Muon for the blocks' weight matrices, AdamW for the rest: the faster optimizer chapter 05 compares
+with AdamW (and whose flat spectra it shows).
 
 Muon (Jordan et al., 2024, https://kellerjordan.github.io/posts/muon/) keeps a Nesterov momentum of
 each matrix's gradient and, instead of stepping along it, steps along the nearest semi-orthogonal
@@ -12,7 +12,8 @@ biases and LayerNorms keep AdamW, as in its authors' code. Liu et al. (2025, "Mu
 LLM Training", arXiv:2502.16982, sec. 2.2) scale the update by ``0.2 sqrt(max(rows, cols))`` so that
 its RMS matches AdamW's and one learning rate serves both (``adjust_lr_fn="match_rms_adamw"``). In
 ``scripts/sweep_pretraining.py`` it lowered held-out Shakespeare from about 1.57 to 1.49 nats per
-character in the same three CPU minutes (``docs/pretraining_sweep.md``).
+character in the same three CPU minutes (``docs/pretraining_sweep.md``); the course's base is
+pretrained with AdamW all the same, for the spectra its fine-tuning chapters need.
 """
 
 from __future__ import annotations

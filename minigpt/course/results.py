@@ -1,25 +1,39 @@
 """The measured-results page, ``docs/results.md``, rendered from the committed records.
 
 Each measuring command writes a JSON record with ``--json`` (``train``, ``compare``,
-``dora-analysis``, ``bench``, ``course``): the machine it ran on, the date, the command and every
-number it measured. :func:`render` turns the records of a folder (``docs/records/``) into the page,
-so every number on it comes from a record, each table states its machine and date, and a re-run on
-another machine replaces the numbers without anyone rewriting prose. ``python -m minigpt results
---check`` fails when the page and the records disagree (CI runs it; so does
-``tests/test_results.py``).
+``dora-analysis``, ``bench``, ``course``): the machine it ran on, the date, the command, whether it
+was a smoke run and every number it measured. :func:`render` turns the records of a folder
+(``docs/records/``) into the page, so every number on it comes from a record, each table states its
+machine and date, and a re-run on another machine replaces the numbers without anyone rewriting
+prose. ``python -m minigpt results --check`` fails when the page and the records disagree (CI runs
+it; so does ``tests/test_results.py``).
 
-A missing record leaves its section saying which command produces it; a damaged one (not JSON, the
-wrong kind, an entry missing) is a :class:`~minigpt.UserError` naming the file.
+A missing record leaves its section saying which command produces it; a folder with no record at
+all is refused. A damaged record is a :class:`~minigpt.UserError` naming the file and the key: not
+a regular file, not JSON, the wrong kind, an entry missing, a value of the wrong type or out of its
+range (:data:`PAYLOADS`), or entries that contradict each other (a run twice, a seed count other
+than the settings', a DoRA summary that does not recompute from its points).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from minigpt._validate import UserError
+from minigpt.device import (
+    check_record_values,
+    date_check,
+    flag_check,
+    number_check,
+    plain_json,
+    text_check,
+)
+from minigpt.lab.lab import MAX_SEEDS
 
 # The records live in the repository's checkout, next to the chapters (see minigpt.course.chapters).
 CHECKOUT = Path(__file__).resolve().parent.parent.parent
@@ -36,27 +50,145 @@ PRODUCERS = {
     "bench": "python -m minigpt bench --json docs/records/bench.json",
     "course": "python -m minigpt course --json docs/records/course.json",
 }
-HEADER_KEYS = ("kind", "machine", "date", "command")
-MACHINE_KEYS = ("cpu", "cores", "gpu", "torch")
-# what each kind must hold besides the header; nested entries are checked where they are read
-PAYLOAD_KEYS = {
-    "pretraining": ("recipe", "model", "parameters", "seconds", "train_seconds", "held_out"),
-    "compare": ("settings", "chosen", "records"),
-    "dora_analysis": (),
-    "bench": ("settings", "seconds", "result"),
-    "course": ("smoke", "chapters", "seconds"),
-}
-# what each run of a compare record must hold; the statistics are averaged over the seeds
+# the statistics of a compare run that the tables average over the seeds
 COMPARE_STATS = (
     *"trainable task_accuracy domain_loss shakespeare_loss".split(),
     *"delta_ratio seconds checkpoint_bytes".split(),
 )
-COMPARE_RECORD_KEYS = (
-    *"method seed lr diverged_at".split(),
-    *COMPARE_STATS,
-    *"shakespeare_loss_before task_accuracy_before domain_loss_before".split(),
-)
 DASH = "–"
+RECORD_LIMIT = 256 * 2**20  # bytes; a record is far smaller
+
+
+# --------------------------------------------------------------------------------------------------
+# What a record may hold: every value the page prints, with its type and range, in the spec language
+# of minigpt.device.check_record_values
+
+BIG = 2**53  # the largest integer a JSON reader anywhere keeps exactly
+TEXT, TEXT_OR_NULL = text_check(), text_check(null=True)
+COUNT, INDEX, INDEX_OR_NULL = number_check(1, BIG, True), number_check(0, BIG, True), number_check(0, BIG, True, True)
+SECONDS, SECONDS_OR_NULL = number_check(0, 1e9), number_check(0, 1e9, null=True)
+DURATION = number_check(1e-12, 1e9)  # a divisor: never 0
+LR, POSITIVE = number_check(1e-12, 10), number_check(1e-12, 1e9)
+LOSS, LOSS_OR_NULL = number_check(0, 1e4), number_check(0, 1e4, null=True)
+FRACTION_OR_NULL = number_check(0, 1, null=True)
+RATE, RATE_OR_NULL = number_check(0, 1e15), number_check(0, 1e15, null=True)
+FINITE, FINITE_OR_NULL = number_check(-1e12, 1e12), number_check(-1e12, 1e12, null=True)
+SEEDS = number_check(1, MAX_SEEDS, True)
+HEADER = {
+    "kind": TEXT,
+    "machine": {
+        "cpu": TEXT,
+        "cores": number_check(1, 2**20, True, null=True),
+        "cpu_bf16?": flag_check,
+        "gpu": TEXT_OR_NULL,
+        "torch": TEXT,
+        "python?": TEXT,
+        "system?": TEXT,
+    },
+    "date": date_check,
+    "command": text_check(r"python -m minigpt [^`\x00-\x1f\x7f]{1,2000}", want="a python -m minigpt line"),
+    "smoke": flag_check,
+}
+TIMING = {"median_s": DURATION, "tokens_per_s": RATE}
+PAYLOADS = {
+    "pretraining": {
+        "recipe": {
+            "preset": TEXT,
+            "steps": COUNT,
+            "batch_size": COUNT,
+            "lr": LR,
+            "seed": INDEX,
+            "optimizer?": TEXT,
+            "precision?": TEXT,
+        },
+        "recipe_name?": TEXT,
+        "model": dict.fromkeys(("n_layer", "n_head", "n_embd", "context_length", "vocab_size"), COUNT),
+        "parameters": COUNT,
+        "device?": TEXT,
+        "precision?": TEXT,
+        "seconds": SECONDS,
+        "train_seconds": SECONDS,
+        "tokens_per_second?": RATE_OR_NULL,
+        "val_loss?": LOSS_OR_NULL,
+        "held_out": {
+            **dict.fromkeys(("nats_per_token", "nats_per_char", "bits_per_char"), LOSS),
+            "chars": COUNT,
+        },
+        "unseen_in_finetuning?": FRACTION_OR_NULL,
+    },
+    "compare": {
+        "settings": {
+            "rank": COUNT,
+            "alpha": POSITIVE,
+            "steps": COUNT,
+            "grid": [LR],
+            "seeds": SEEDS,
+            "eval_tokens": COUNT,
+        },
+        "chosen": {"*": LR},
+        "records": [
+            {
+                "method": TEXT,
+                "seed": INDEX,
+                "lr": LR,
+                "diverged_at": INDEX_OR_NULL,
+                "trainable": INDEX,
+                "task_accuracy": FRACTION_OR_NULL,
+                "domain_loss": LOSS_OR_NULL,
+                "shakespeare_loss": LOSS_OR_NULL,
+                "delta_ratio": number_check(0, 1e6, null=True),
+                "seconds": SECONDS_OR_NULL,
+                "checkpoint_bytes": INDEX_OR_NULL,
+                "shakespeare_loss_before": LOSS_OR_NULL,
+                "task_accuracy_before": FRACTION_OR_NULL,
+                "domain_loss_before": LOSS_OR_NULL,
+            }
+        ],
+    },
+    "dora_analysis": {
+        "settings": {"seeds": SEEDS},
+        "points": [
+            {
+                **dict.fromkeys(("method", "matrix"), TEXT),
+                **dict.fromkeys(("seed", "layer", "step"), INDEX),
+                "lr": LR,
+                **dict.fromkeys(("dM", "dD", "radial", "radial_change", "row_norm"), FINITE),
+                "in_features": COUNT,
+                **dict.fromkeys(("head_dM", "head_dD"), [FINITE]),
+                "row_corr": FINITE_OR_NULL,
+            }
+        ],
+        "summary": {"*": {"*": {}}},  # recomputed from the points and compared
+    },
+    "bench": {
+        "settings": {
+            "preset": TEXT,
+            "batch_size": COUNT,
+            "rank": COUNT,
+            "alpha": POSITIVE,
+            "warmup": INDEX,
+            "repeats": COUNT,
+        },
+        "seconds": SECONDS,
+        "result": {
+            "device": TEXT,
+            "device_name?": TEXT_OR_NULL,
+            "precision?": TEXT_OR_NULL,
+            "tokens_per_batch": COUNT,
+            "training": dict.fromkeys(
+                ("full", "lora", "peft-lora", "dora", "peft-dora", "*"),
+                {**TIMING, "memory": {"total": COUNT}},
+            ),
+            "inference": dict.fromkeys(("base", "lora-merged", "*"), TIMING),
+        },
+    },
+    "course": {
+        "cache_was_empty?": flag_check,
+        "every_chapter?": flag_check,
+        "chapters": [{"chapter": text_check(r"\d\d", want="a chapter number such as 05"), "seconds": SECONDS}],
+        "seconds": SECONDS,
+    },
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +204,7 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _damaged(path: Path, kind: str, reason: str) -> UserError:
+def _damaged(path: Path, kind: str, reason: object) -> UserError:
     reason = " ".join(str(reason).split())  # one line, whatever the reason holds
     return UserError(
         f"{_shown(path)} is a damaged {kind} record ({reason}); write it again with "
@@ -81,31 +213,111 @@ def _damaged(path: Path, kind: str, reason: str) -> UserError:
 
 
 def load_record(path: Path, kind: str) -> dict | None:
-    """The record of ``kind`` at ``path``, its header and top-level entries checked; None when
-    there is no such file."""
+    """The record of ``kind`` at ``path``, every value the page prints checked (:data:`HEADER`,
+    :data:`PAYLOADS`) and its entries checked against each other; None when there is no such file.
+    A symbolic link to nothing (or a loop of links) is damaged, not absent, and a path that is not a
+    regular file is refused before it is opened (a FIFO would block the read)."""
     import json
+    import stat
 
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        info = path.stat()
+    except OSError as err:  # a link to nothing, a loop of links
+        raise _damaged(path, kind, f"a symbolic link that leads to no file: {err.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _damaged(path, kind, "not a regular file")
+    if info.st_size > RECORD_LIMIT:
+        raise _damaged(path, kind, f"larger than {RECORD_LIMIT // 2**20} MiB")
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read record {_shown(path)}: {err.strerror or err}") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, nested too deep
         raise _damaged(path, kind, f"not JSON: {err}") from None
-    if not isinstance(record, dict):
-        raise _damaged(path, kind, f"a JSON {type(record).__name__}, not an object")
-    missing = [key for key in (*HEADER_KEYS, *PAYLOAD_KEYS[kind]) if key not in record]
-    if missing:
-        raise _damaged(path, kind, f"no {', '.join(repr(k) for k in missing)}")
-    if record["kind"] != kind:
-        raise _damaged(path, kind, f"its kind is {record['kind']!r}, not {kind!r}")
-    machine = record["machine"]
-    if not isinstance(machine, dict) or any(key not in machine for key in MACHINE_KEYS):
-        raise _damaged(path, kind, f"'machine' must hold {', '.join(MACHINE_KEYS)}")
+    try:
+        check_record_values(record, {**HEADER, **PAYLOADS[kind]})
+        if record["kind"] != kind:
+            raise ValueError(f"its kind is {record['kind']!r}, not {kind!r}")
+        CONSISTENCY.get(kind, lambda _: None)(record)
+    except ValueError as err:
+        raise _damaged(path, kind, err) from None
     return record
 
 
+def _compare_consistency(record: dict) -> None:
+    """Each (method, lr, seed) once, seeds below ``settings.seeds``, every seed at each method's
+    chosen rate and no more runs at a rate than seeds, rates from the grid, a chosen rate per
+    method."""
+    rows, seeds = record["records"], record["settings"]["seeds"]
+    grid, chosen = record["settings"]["grid"], record["chosen"]
+    seen = set()
+    for index, row in enumerate(rows):
+        key = (row["method"], row["lr"], row["seed"])
+        if key in seen:
+            raise ValueError(f"records[{index}] repeats the run {key} (method, lr, seed)")
+        seen.add(key)
+        if row["seed"] >= seeds or row["lr"] not in grid:
+            raise ValueError(
+                f"records[{index}] has seed {row['seed']} and lr {row['lr']:g}, outside the "
+                f"settings ({seeds} seeds, grid {grid})"
+            )
+    methods = {row["method"] for row in rows}
+    if set(chosen) != methods:
+        raise ValueError(f"'chosen' names {sorted(chosen)}, the runs {sorted(methods)}")
+    for method in methods:
+        at = {row["seed"] for row in rows if (row["method"], row["lr"]) == (method, chosen[method])}
+        if at != set(range(seeds)):
+            raise ValueError(
+                f"{method} has {len(at)} run(s) at its chosen rate {chosen[method]:g}, not one per "
+                f"seed of settings.seeds = {seeds}"
+            )
+
+
+def _dora_consistency(record: dict) -> None:
+    """The summary must be what :func:`~minigpt.lab.dora_analysis.summarize_points` computes from
+    the record's points (so an edited summary or point is refused)."""
+    from minigpt.lab.dora_analysis import POINT_KEYS, summarize_points
+
+    for index, point in enumerate(record["points"]):
+        if tuple(point) != POINT_KEYS:
+            raise ValueError(f"points[{index}] has the keys {list(point)}, not {list(POINT_KEYS)}")
+    if not _same(plain_json(summarize_points(record["points"])), record["summary"]):
+        raise ValueError("its summary is not the summary of its points (edited?)")
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal JSON values, numbers to within rounding."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b)) + 1e-12 if numbers else a == b
+
+
+def _course_consistency(record: dict) -> None:
+    chapters = [c["chapter"] for c in record["chapters"]]
+    if len(set(chapters)) != len(chapters):
+        raise ValueError(f"a chapter appears twice in {chapters}")
+
+
+CONSISTENCY = {
+    "compare": _compare_consistency,
+    "dora_analysis": _dora_consistency,
+    "course": _course_consistency,
+}
+
+
+def _cell(text: object) -> str:
+    """``text`` for a Markdown table cell: ``|`` escaped, line breaks made spaces."""
+    return " ".join(str(text).split("\n")).replace("|", "\\|")
+
+
 def machine_line(record: dict) -> str:
-    """One line naming the machine, the date and the command of a record, for above its table."""
+    """One line naming the machine, the date and the command of a record, for above its table; a
+    smoke run says so."""
     m = record["machine"]
     cores = m["cores"]
     parts = [
@@ -120,7 +332,15 @@ def machine_line(record: dict) -> str:
         parts.append(f"Python {m['python']}")
     if m.get("system"):
         parts.append(str(m["system"]))
-    return f"*Machine: {', '.join(parts)}. Date: {record['date']}. Command: `{record['command']}`.*"
+    smoke = (
+        " A smoke run (tiny sizes, few steps): a check of the machinery, not the course's numbers."
+        if record["smoke"]
+        else ""
+    )
+    return (
+        f"*Machine: {', '.join(parts)}. Date: {record['date']}. Command: `{record['command']}`."
+        f"{smoke}*"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -456,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataclasses import asdict
 
     from minigpt._cli import make_parser, path_arg
-    from minigpt.device import run_record, write_run_record
-    from minigpt.io import check_writable_file
+    from minigpt.device import check_record_destination, run_record, write_run_record
 
     argv = sys.argv[1:] if argv is None else list(argv)
 
@@ -515,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.json is not None:  # before the benchmarks; one line from the command line's handler
-        check_writable_file(args.json, "--json")
+        check_record_destination(args.json, "--json", "bench")
     try:
         import peft  # noqa: F401 - the bench compares against it
     except ImportError:
@@ -528,7 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     print(f"\nbenchmark wall time {seconds:.1f} s")
     if args.json is not None:
-        payload = {"settings": asdict(settings), "seconds": seconds, "result": result}
+        payload = {
+            "smoke": args.smoke,
+            "settings": asdict(settings),
+            "seconds": seconds,
+            "result": result,
+        }
         write_run_record(args.json, run_record("bench", "bench", argv, payload))
         print(f"record: {args.json}")
     return 0

@@ -34,10 +34,7 @@ per-row test is Spearman's correlation across the rows of one matrix of ``|Δm|`
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import shlex
 import sys
 import time
 
@@ -45,8 +42,7 @@ import numpy as np
 
 from minigpt._validate import UserError, check_int
 from minigpt.analysis import random_radial_share
-from minigpt.io import atomic_write_bytes, check_writable_file
-from minigpt.lab.lab import Lab
+from minigpt.lab.lab import MAX_SEEDS, Lab
 from minigpt.lab.report import best_lr
 from minigpt.lab.runs import DEFAULT_SEEDS, LAB_VERSION, METHODS
 
@@ -341,7 +337,7 @@ def run_dora_analysis(
     ``smoke``, ``cache`` and ``progress``), cached and shared with chapters 06-10: each method's
     grid is run in one batch, then the other seeds, so they train one per core.
     """
-    check_int("seeds", seeds, 1)
+    check_int("seeds", seeds, 1, MAX_SEEDS)
     methods = _check_methods(methods)
     lab = lab if lab is not None else Lab(smoke, cache, progress)  # after the checks
     start = time.perf_counter()
@@ -392,11 +388,31 @@ def run_dora_analysis(
     return {"settings": settings, "lrs": lrs, "points": points, "summary": summarize_points(points)}
 
 
+# The measurements of a point that must be finite numbers for it to enter the summary.
+MEASURED = ("dM", "dD", "radial", "radial_change", "row_norm")
+
+
+def record_points(points: list[dict]) -> list[dict]:
+    """``points`` as a record holds them: plain JSON (:func:`minigpt.device.plain_json`, which
+    turns NaN and inf into None), without the points whose measurements (:data:`MEASURED` and the
+    per-head values) are not all finite numbers, as :func:`summarize_points` leaves them out. The
+    record's summary is :func:`summarize_points` of these points, so it recomputes from the record
+    alone (``python -m minigpt results`` checks that it does)."""
+    from minigpt.device import plain_json
+
+    def usable(point: dict) -> bool:
+        values = [point[key] for key in MEASURED] + [*point["head_dM"], *point["head_dD"]]
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+    return [p for p in plain_json(points) if usable(p)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m minigpt dora-analysis [--seeds N] [--json OUT] [--methods full,lora,dora]
     [--smoke] [--no-cache] [--no-progress]``: DoRA's magnitude/direction analysis (Liu et al.,
     2024, §3.2, figure 2) by the paper's protocol, with its trend and geometry checks."""
     from minigpt._cli import make_parser, path_arg
+    from minigpt.device import check_record_destination, run_record, write_run_record
 
     parser = make_parser(
         "python -m minigpt dora-analysis",
@@ -406,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         "and the per-row test of section 4.2, with verdicts; --json writes every point.",
         "python -m minigpt dora-analysis --smoke --seeds 2 --json dora.json",
     )
-    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per method")
+    parser.add_argument(
+        "--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per method (at most {MAX_SEEDS})"
+    )
     parser.add_argument(
         "--methods",
         default=",".join(ANALYSED_METHODS),
@@ -425,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(given)
     # every argument before any work: a bad one must not cost a pretraining run
-    check_int("--seeds", args.seeds, 1)
+    check_int("--seeds", args.seeds, 1, MAX_SEEDS)
     methods = _check_methods(args.methods)
     if args.json is not None:
-        check_writable_file(args.json, "--json")
+        check_record_destination(args.json, "--json", "dora_analysis")
     start = time.perf_counter()
     result = run_dora_analysis(
         args.seeds,
@@ -437,32 +455,25 @@ def main(argv: list[str] | None = None) -> int:
         cache=not args.no_cache,
         progress=not args.no_progress,
     )
-    summary = result["summary"]
+    # the points the record holds, and the summary of exactly those, printed and recorded
+    points = record_points(result["points"])
+    summary = summarize_points(points)
     print("learning rates: " + ", ".join(f"{NAMES[m]} {lr:g}" for m, lr in result["lrs"].items()))
     print(format_summary(summary))
     for matrix in MATRICES:
         for line in verdict(summary, matrix):
             print(line)
-    print(f"\n{len(result['points'])} points from {args.seeds} seed(s) per method in ", end="")
+    print(f"\n{len(points)} points from {args.seeds} seed(s) per method in ", end="")
     print(f"{time.perf_counter() - start:.0f} s")
     if args.json is not None:
-        from minigpt import device as device_module
-
-        # the machine and the command as the course's other records state them, where the
-        # package has those helpers (a command's absolute paths are cut to their file names)
-        document: dict = {"kind": "dora_analysis"}
-        describe = getattr(device_module, "machine_description", None)
-        if callable(describe):
-            document["machine"] = describe()
-        command = getattr(device_module, "command_line", None)
-        document["date"] = datetime.date.today().isoformat()
-        document["command"] = (
-            command("dora-analysis", given)
-            if callable(command)
-            else shlex.join(["python", "-m", "minigpt", "dora-analysis", *given])
-        )
-        document.update(result)
-        atomic_write_bytes(args.json, json.dumps(document, indent=1).encode())
+        payload = {
+            "smoke": result["settings"]["smoke"],  # MINIGPT_SMOKE=1 counts as --smoke does
+            "settings": result["settings"],
+            "lrs": result["lrs"],
+            "points": points,
+            "summary": summary,
+        }
+        write_run_record(args.json, run_record("dora_analysis", "dora-analysis", given, payload))
         print(f"points: {args.json}")
     return 0
 

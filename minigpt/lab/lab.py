@@ -60,6 +60,11 @@ if TYPE_CHECKING:
     from minigpt.lab.pretrained import Recipe
 
 
+# Bounds that keep a typo from starting days of runs (or allocating a rank larger than any
+# layer): the lab's models are at most 128 wide.
+MAX_SEEDS, MAX_RANK = 100, 1024
+
+
 def _train_in_worker(state: dict, spec: RunSpec) -> tuple[dict, bytes | None]:
     """One run in a :class:`~minigpt.lab.pool.LabPool` worker: its record, and seed 0's trainable
     tensors."""
@@ -391,9 +396,9 @@ def run_comparison(
     methods = tuple(methods)
     if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
         raise UserError(f"methods must be distinct names from {METHODS}, got {list(methods)}")
-    check_int("seeds", seeds, 1)
+    check_int("seeds", seeds, 1, MAX_SEEDS)
     changes = {
-        "rank": check_int("rank", rank, 1),
+        "rank": check_int("rank", rank, 1, MAX_RANK),
         "alpha": check_float("alpha", alpha, 0.0, strict_min=True),
     }
     if steps is not None:
@@ -473,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_file(args.json, "--json")
         except UserError as err:
             parser.error(str(err))
+    from minigpt import smoke_mode
+
+    smoke = args.smoke or smoke_mode()  # MINIGPT_SMOKE=1 shrinks the runs as --smoke does
     start = time.perf_counter()
     try:
         records = run_comparison(
@@ -495,13 +503,14 @@ def main(argv: list[str] | None = None) -> int:
             "compare",
             sys.argv[1:] if argv is None else argv,
             {
+                "smoke": smoke,
                 "settings": {
                     "rank": args.rank,
                     "alpha": args.alpha,
-                    "steps": args.steps or (SMOKE_STEPS if args.smoke else DEFAULT_STEPS),
-                    "grid": list(SMOKE_LR_GRID if args.smoke else LR_GRID),
+                    "steps": records[0]["steps"],
+                    "grid": sorted({r["lr"] for r in records}),
                     "seeds": args.seeds,
-                    "eval_tokens": (2 if args.smoke else EVAL_BATCHES) * 32 * 32,
+                    "eval_tokens": (2 if smoke else EVAL_BATCHES) * 32 * 32,
                 },
                 "chosen": {r["method"]: r["lr"] for r in records if r["chosen"]},
                 "records": plain_json(records),
