@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def cmd_course(args: argparse.Namespace) -> int:
 
 def _real(path: str | Path) -> Path:
     """``path`` absolute with symbolic links resolved, for telling whether two paths overlap."""
-    return Path(path).expanduser().resolve()
+    return Path(os.path.realpath(Path(path).expanduser()))  # a loop of links raises nothing
 
 
 def _inside(path: Path, folder: Path) -> bool:

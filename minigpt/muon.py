@@ -1,5 +1,5 @@
-"""Muon for the blocks' weight matrices, AdamW for the rest: the faster optimizer chapter 05 compares
-with AdamW (and whose flat spectra it shows).
+"""Muon for the blocks' weight matrices, AdamW for the rest: the faster optimizer that chapter 05
+compares with AdamW (and whose flat spectra it shows).
 
 Muon (Jordan et al., 2024, https://kellerjordan.github.io/posts/muon/) keeps a Nesterov momentum of
 each matrix's gradient and, instead of stepping along it, steps along the nearest semi-orthogonal

@@ -9,305 +9,32 @@ prose. ``python -m minigpt results --check`` fails when the page and the records
 it; so does ``tests/test_results.py``).
 
 A missing record leaves its section saying which command produces it; a folder with no record at
-all is refused. A damaged record is a :class:`~minigpt.UserError` naming the file and the key: not
-a regular file, not JSON, the wrong kind, an entry missing, a value of the wrong type or out of its
-range (:data:`PAYLOADS`), or entries that contradict each other (a run twice, a seed count other
-than the settings', a DoRA summary that does not recompute from its points).
+all is refused; a damaged record (:mod:`minigpt.course.records` checks every value the page
+prints) is a :class:`~minigpt.UserError` naming the file and the key.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from minigpt._validate import UserError
-from minigpt.device import (
-    check_record_values,
-    date_check,
-    flag_check,
-    number_check,
-    plain_json,
-    text_check,
-)
-from minigpt.lab.lab import MAX_SEEDS
+from minigpt.course.records import PRODUCERS, _damaged, _shown, load_record
 
 # The records live in the repository's checkout, next to the chapters (see minigpt.course.chapters).
 CHECKOUT = Path(__file__).resolve().parent.parent.parent
 RECORDS_DIR = CHECKOUT / "docs" / "records"
 RESULTS_PAGE = CHECKOUT / "docs" / "results.md"
 
-# kind (= the file's stem) -> the command that writes it
-PRODUCERS = {
-    "pretraining": "python -m minigpt train --json docs/records/pretraining.json",
-    "compare": "python -m minigpt compare --seeds 3 --json docs/records/compare.json",
-    "dora_analysis": (
-        "python -m minigpt dora-analysis --seeds 3 --json docs/records/dora_analysis.json"
-    ),
-    "bench": "python -m minigpt bench --json docs/records/bench.json",
-    "course": "python -m minigpt course --json docs/records/course.json",
-}
 # the statistics of a compare run that the tables average over the seeds
 COMPARE_STATS = (
     *"trainable task_accuracy domain_loss shakespeare_loss".split(),
     *"delta_ratio seconds checkpoint_bytes".split(),
 )
 DASH = "–"
-RECORD_LIMIT = 256 * 2**20  # bytes; a record is far smaller
-
-
-# --------------------------------------------------------------------------------------------------
-# What a record may hold: every value the page prints, with its type and range, in the spec language
-# of minigpt.device.check_record_values
-
-BIG = 2**53  # the largest integer a JSON reader anywhere keeps exactly
-TEXT, TEXT_OR_NULL = text_check(), text_check(null=True)
-COUNT, INDEX, INDEX_OR_NULL = number_check(1, BIG, True), number_check(0, BIG, True), number_check(0, BIG, True, True)
-SECONDS, SECONDS_OR_NULL = number_check(0, 1e9), number_check(0, 1e9, null=True)
-DURATION = number_check(1e-12, 1e9)  # a divisor: never 0
-LR, POSITIVE = number_check(1e-12, 10), number_check(1e-12, 1e9)
-LOSS, LOSS_OR_NULL = number_check(0, 1e4), number_check(0, 1e4, null=True)
-FRACTION_OR_NULL = number_check(0, 1, null=True)
-RATE, RATE_OR_NULL = number_check(0, 1e15), number_check(0, 1e15, null=True)
-FINITE, FINITE_OR_NULL = number_check(-1e12, 1e12), number_check(-1e12, 1e12, null=True)
-SEEDS = number_check(1, MAX_SEEDS, True)
-HEADER = {
-    "kind": TEXT,
-    "machine": {
-        "cpu": TEXT,
-        "cores": number_check(1, 2**20, True, null=True),
-        "cpu_bf16?": flag_check,
-        "gpu": TEXT_OR_NULL,
-        "torch": TEXT,
-        "python?": TEXT,
-        "system?": TEXT,
-    },
-    "date": date_check,
-    "command": text_check(r"python -m minigpt [^`\x00-\x1f\x7f]{1,2000}", want="a python -m minigpt line"),
-    "smoke": flag_check,
-}
-TIMING = {"median_s": DURATION, "tokens_per_s": RATE}
-PAYLOADS = {
-    "pretraining": {
-        "recipe": {
-            "preset": TEXT,
-            "steps": COUNT,
-            "batch_size": COUNT,
-            "lr": LR,
-            "seed": INDEX,
-            "optimizer?": TEXT,
-            "precision?": TEXT,
-        },
-        "recipe_name?": TEXT,
-        "model": dict.fromkeys(("n_layer", "n_head", "n_embd", "context_length", "vocab_size"), COUNT),
-        "parameters": COUNT,
-        "device?": TEXT,
-        "precision?": TEXT,
-        "seconds": SECONDS,
-        "train_seconds": SECONDS,
-        "tokens_per_second?": RATE_OR_NULL,
-        "val_loss?": LOSS_OR_NULL,
-        "held_out": {
-            **dict.fromkeys(("nats_per_token", "nats_per_char", "bits_per_char"), LOSS),
-            "chars": COUNT,
-        },
-        "unseen_in_finetuning?": FRACTION_OR_NULL,
-    },
-    "compare": {
-        "settings": {
-            "rank": COUNT,
-            "alpha": POSITIVE,
-            "steps": COUNT,
-            "grid": [LR],
-            "seeds": SEEDS,
-            "eval_tokens": COUNT,
-        },
-        "chosen": {"*": LR},
-        "records": [
-            {
-                "method": TEXT,
-                "seed": INDEX,
-                "lr": LR,
-                "diverged_at": INDEX_OR_NULL,
-                "trainable": INDEX,
-                "task_accuracy": FRACTION_OR_NULL,
-                "domain_loss": LOSS_OR_NULL,
-                "shakespeare_loss": LOSS_OR_NULL,
-                "delta_ratio": number_check(0, 1e6, null=True),
-                "seconds": SECONDS_OR_NULL,
-                "checkpoint_bytes": INDEX_OR_NULL,
-                "shakespeare_loss_before": LOSS_OR_NULL,
-                "task_accuracy_before": FRACTION_OR_NULL,
-                "domain_loss_before": LOSS_OR_NULL,
-            }
-        ],
-    },
-    "dora_analysis": {
-        "settings": {"seeds": SEEDS},
-        "points": [
-            {
-                **dict.fromkeys(("method", "matrix"), TEXT),
-                **dict.fromkeys(("seed", "layer", "step"), INDEX),
-                "lr": LR,
-                **dict.fromkeys(("dM", "dD", "radial", "radial_change", "row_norm"), FINITE),
-                "in_features": COUNT,
-                **dict.fromkeys(("head_dM", "head_dD"), [FINITE]),
-                "row_corr": FINITE_OR_NULL,
-            }
-        ],
-        "summary": {"*": {"*": {}}},  # recomputed from the points and compared
-    },
-    "bench": {
-        "settings": {
-            "preset": TEXT,
-            "batch_size": COUNT,
-            "rank": COUNT,
-            "alpha": POSITIVE,
-            "warmup": INDEX,
-            "repeats": COUNT,
-        },
-        "seconds": SECONDS,
-        "result": {
-            "device": TEXT,
-            "device_name?": TEXT_OR_NULL,
-            "precision?": TEXT_OR_NULL,
-            "tokens_per_batch": COUNT,
-            "training": dict.fromkeys(
-                ("full", "lora", "peft-lora", "dora", "peft-dora", "*"),
-                {**TIMING, "memory": {"total": COUNT}},
-            ),
-            "inference": dict.fromkeys(("base", "lora-merged", "*"), TIMING),
-        },
-    },
-    "course": {
-        "cache_was_empty?": flag_check,
-        "every_chapter?": flag_check,
-        "chapters": [{"chapter": text_check(r"\d\d", want="a chapter number such as 05"), "seconds": SECONDS}],
-        "seconds": SECONDS,
-    },
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading the records
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the current folder when it lies inside it (messages name no more of
-    the machine's folders than they must)."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _damaged(path: Path, kind: str, reason: object) -> UserError:
-    reason = " ".join(str(reason).split())  # one line, whatever the reason holds
-    return UserError(
-        f"{_shown(path)} is a damaged {kind} record ({reason}); write it again with "
-        f"{PRODUCERS[kind]}"
-    )
-
-
-def load_record(path: Path, kind: str) -> dict | None:
-    """The record of ``kind`` at ``path``, every value the page prints checked (:data:`HEADER`,
-    :data:`PAYLOADS`) and its entries checked against each other; None when there is no such file.
-    A symbolic link to nothing (or a loop of links) is damaged, not absent, and a path that is not a
-    regular file is refused before it is opened (a FIFO would block the read)."""
-    import json
-    import stat
-
-    if not os.path.lexists(path):
-        return None
-    try:
-        info = path.stat()
-    except OSError as err:  # a link to nothing, a loop of links
-        raise _damaged(path, kind, f"a symbolic link that leads to no file: {err.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise _damaged(path, kind, "not a regular file")
-    if info.st_size > RECORD_LIMIT:
-        raise _damaged(path, kind, f"larger than {RECORD_LIMIT // 2**20} MiB")
-    try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as err:
-        raise UserError(f"cannot read record {_shown(path)}: {err.strerror or err}") from None
-    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, nested too deep
-        raise _damaged(path, kind, f"not JSON: {err}") from None
-    try:
-        check_record_values(record, {**HEADER, **PAYLOADS[kind]})
-        if record["kind"] != kind:
-            raise ValueError(f"its kind is {record['kind']!r}, not {kind!r}")
-        CONSISTENCY.get(kind, lambda _: None)(record)
-    except ValueError as err:
-        raise _damaged(path, kind, err) from None
-    return record
-
-
-def _compare_consistency(record: dict) -> None:
-    """Each (method, lr, seed) once, seeds below ``settings.seeds``, every seed at each method's
-    chosen rate and no more runs at a rate than seeds, rates from the grid, a chosen rate per
-    method."""
-    rows, seeds = record["records"], record["settings"]["seeds"]
-    grid, chosen = record["settings"]["grid"], record["chosen"]
-    seen = set()
-    for index, row in enumerate(rows):
-        key = (row["method"], row["lr"], row["seed"])
-        if key in seen:
-            raise ValueError(f"records[{index}] repeats the run {key} (method, lr, seed)")
-        seen.add(key)
-        if row["seed"] >= seeds or row["lr"] not in grid:
-            raise ValueError(
-                f"records[{index}] has seed {row['seed']} and lr {row['lr']:g}, outside the "
-                f"settings ({seeds} seeds, grid {grid})"
-            )
-    methods = {row["method"] for row in rows}
-    if set(chosen) != methods:
-        raise ValueError(f"'chosen' names {sorted(chosen)}, the runs {sorted(methods)}")
-    for method in methods:
-        at = {row["seed"] for row in rows if (row["method"], row["lr"]) == (method, chosen[method])}
-        if at != set(range(seeds)):
-            raise ValueError(
-                f"{method} has {len(at)} run(s) at its chosen rate {chosen[method]:g}, not one per "
-                f"seed of settings.seeds = {seeds}"
-            )
-
-
-def _dora_consistency(record: dict) -> None:
-    """The summary must be what :func:`~minigpt.lab.dora_analysis.summarize_points` computes from
-    the record's points (so an edited summary or point is refused)."""
-    from minigpt.lab.dora_analysis import POINT_KEYS, summarize_points
-
-    for index, point in enumerate(record["points"]):
-        if tuple(point) != POINT_KEYS:
-            raise ValueError(f"points[{index}] has the keys {list(point)}, not {list(POINT_KEYS)}")
-    if not _same(plain_json(summarize_points(record["points"])), record["summary"]):
-        raise ValueError("its summary is not the summary of its points (edited?)")
-
-
-def _same(a: object, b: object) -> bool:
-    """Equal JSON values, numbers to within rounding."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
-    return abs(a - b) <= 1e-9 * max(abs(a), abs(b)) + 1e-12 if numbers else a == b
-
-
-def _course_consistency(record: dict) -> None:
-    chapters = [c["chapter"] for c in record["chapters"]]
-    if len(set(chapters)) != len(chapters):
-        raise ValueError(f"a chapter appears twice in {chapters}")
-
-
-CONSISTENCY = {
-    "compare": _compare_consistency,
-    "dora_analysis": _dora_consistency,
-    "course": _course_consistency,
-}
 
 
 def _cell(text: object) -> str:
@@ -355,36 +82,31 @@ def _pct(value: float | None) -> str:
     return DASH if value is None else f"{100 * value:.1f} %"
 
 
-def _mean_std(values: list[float | None]) -> tuple[float, float] | None:
-    """Mean and standard deviation of the known values (a diverged run's are None)."""
+def _mean_std(values: list[float | None]) -> tuple[float, float | None] | None:
+    """Mean and standard deviation of the known values (a diverged run's are None); the deviation
+    is None for a single value, which has no spread to state."""
     known = [float(v) for v in values if v is not None]
     if not known:
         return None
-    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else None
 
 
 def _pm(
-    stats: tuple[float, float] | None, digits: int = 3, scale: float = 1.0, unit: str = ""
+    stats: tuple[float, float | None] | None, digits: int = 3, scale: float = 1.0, unit: str = ""
 ) -> str:
+    """``mean ± std``, or the mean alone when there is no spread to state (one value)."""
     if stats is None:
         return DASH
-    return f"{scale * stats[0]:.{digits}f} ± {scale * stats[1]:.{digits}f}{unit}"
+    spread = "" if stats[1] is None else f" ± {scale * stats[1]:.{digits}f}"
+    return f"{scale * stats[0]:.{digits}f}{spread}{unit}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _minutes(seconds: float) -> str:
     return f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
-
-
-def _scalar(value: object) -> str:
-    if isinstance(value, bool) or value is None:
-        return DASH if value is None else str(value).lower()
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list) and all(not isinstance(v, (list, dict)) for v in value):
-        return ", ".join(_scalar(v) for v in value)
-    return str(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,11 +155,11 @@ def _pretraining(record: dict) -> list[str]:
         )
     )
     return [
-        "`python -m minigpt train` trains the course's pretraining recipe "
-        "(`minigpt.lab.pretrained.TINY`) on Shakespeare's training plays plus a share of Python's "
-        "documentation, then measures the loss on the held-out plays per token and per character: "
-        "the total nats over the characters the predicted tokens spell out (chapter 05, eq. 3), a "
-        "measure that compares a word-piece model with a character-level one.",
+        f"`python -m minigpt train` trains {_recipe_words(recipe)} on Shakespeare's training "
+        "plays plus a share of Python's documentation, then measures the loss on the held-out "
+        "plays per token and per character: the total nats over the characters the predicted "
+        "tokens spell out (chapter 05, eq. 3), a measure that compares a word-piece model with a "
+        "character-level one.",
         "",
         machine_line(record),
         "",
@@ -447,22 +169,25 @@ def _pretraining(record: dict) -> list[str]:
     ]
 
 
-def _compare_rows(record: dict) -> list[dict]:
-    rows = record["records"]
-    if not isinstance(rows, list) or not rows:
-        raise KeyError("'records' must be a non-empty list")
-    for index, row in enumerate(rows):
-        missing = [
-            key for key in COMPARE_RECORD_KEYS if not isinstance(row, dict) or key not in row
-        ]
-        if missing:
-            raise KeyError(f"records[{index}] has no {', '.join(repr(k) for k in missing)}")
-    return rows
+def _recipe_words(recipe: dict) -> str:
+    """Which recipe a pretraining record holds, in words: the course's, the smoke one or
+    another."""
+    from dataclasses import asdict
+
+    from minigpt.lab.pretrained import SMOKE, TINY
+
+    for name, known, words in (
+        ("TINY", TINY, "the course's pretraining recipe"),
+        ("SMOKE", SMOKE, "the smoke recipe"),
+    ):
+        fields = {k: v for k, v in asdict(known).items() if k != "device"}
+        if all(recipe.get(key, value) == value for key, value in fields.items()):
+            return f"{words} (`minigpt.lab.pretrained.{name}`)"
+    return "a recipe other than the course's (`minigpt.lab.pretrained.TINY`), stated below,"
 
 
 def _compare(record: dict) -> list[str]:
-    settings, chosen = record["settings"], record["chosen"]
-    rows = _compare_rows(record)
+    settings, chosen, rows = record["settings"], record["chosen"], record["records"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [
         "`python -m minigpt compare` (chapter 10) fine-tunes the pretrained model with every "
@@ -476,9 +201,10 @@ def _compare(record: dict) -> list[str]:
         "",
         f"Settings: rank {settings['rank']}, α {settings['alpha']:g}, {settings['steps']:,} steps, "
         f"learning-rate grid {', '.join(f'{lr:g}' for lr in settings['grid'])}, "
-        f"{settings['seeds']} seeds, evaluation on {settings['eval_tokens']:,} tokens.",
+        f"{_plural(settings['seeds'], 'seed')}, evaluation on {settings['eval_tokens']:,} tokens.",
         "",
-        "Mean ± standard deviation over the seeds, at each method's chosen learning rate:",
+        "Mean ± standard deviation over the seeds (the mean alone where one run gives it), at "
+        "each method's chosen learning rate:",
         "",
         "| method | lr | seeds | trainable | task accuracy | domain loss | Shakespeare loss "
         "| ‖ΔW‖/‖W0‖ | seconds per run | checkpoint |",
@@ -491,18 +217,14 @@ def _compare(record: dict) -> list[str]:
         f"{DASH} | {DASH} |"
     )
     for method in methods:
-        if method not in chosen:
-            raise KeyError(f"'chosen' names no learning rate for {method!r}")
         runs = [r for r in rows if r["method"] == method and r["lr"] == chosen[method]]
-        if not runs:
-            raise KeyError(f"no run of {method!r} at its chosen learning rate {chosen[method]!r}")
         ok = [r for r in runs if r["diverged_at"] is None]
         diverged = len(runs) - len(ok)
         seeds = f"{len(runs)}" + (f" ({diverged} diverged)" if diverged else "")
         stat = {key: _mean_std([r[key] for r in ok]) for key in COMPARE_STATS}
         size, seconds = stat["checkpoint_bytes"], stat["seconds"]
         lines.append(
-            f"| {method} | {chosen[method]:g} | {seeds} | {runs[0]['trainable']:,} | "
+            f"| {_cell(method)} | {chosen[method]:g} | {seeds} | {runs[0]['trainable']:,} | "
             f"{_pm(stat['task_accuracy'], 1, 100, ' %')} | {_pm(stat['domain_loss'])} | "
             f"{_pm(stat['shakespeare_loss'])} | {_pm(stat['delta_ratio'])} | "
             f"{DASH if seconds is None else f'{seconds[0]:,.0f}'} | "
@@ -531,13 +253,15 @@ def _compare(record: dict) -> list[str]:
                 if r["diverged_at"] is not None
             ]
             lines.append(
-                f"| {method} | {lr:g} | {len(runs)} | {_pct(accuracy and accuracy[0])} | "
+                f"| {_cell(method)} | {lr:g} | {len(runs)} | {_pct(accuracy and accuracy[0])} | "
                 f"{DASH if rise is None else f'{rise[0]:+.3f}'} | {'; '.join(notes)} |"
             )
     return lines
 
 
 def _dora_analysis(record: dict) -> list[str]:
+    from minigpt.lab.dora_analysis import STATISTICS
+
     lines = [
         "`python -m minigpt dora-analysis` (chapter 09) follows each method's updates through "
         "training and splits them into a change of magnitude (ΔM) and of direction (ΔD), as Liu et "
@@ -545,58 +269,31 @@ def _dora_analysis(record: dict) -> list[str]:
         "",
         machine_line(record),
         "",
-    ]
-    summary = record.get("summary")
-    table = _dora_table(summary) if isinstance(summary, dict) else None
-    if table is None:
-        return [*lines, "The record holds no summary this page can show; chapter 09 plots it."]
-    return [
-        *lines,
-        "Mean ± standard deviation over the seeds of each statistic, per method and matrix "
-        "(`minigpt.lab.dora_analysis` defines them); the paper's column is its reported value.",
+        "Mean ± standard deviation over the seeds of each statistic (the mean alone where one seed "
+        "gives it), per method and matrix (`minigpt.lab.dora_analysis` defines them); the paper's "
+        "column is its reported value.",
         "",
-        *table,
+        "| method | matrix | seeds | " + " | ".join(STATISTICS) + " | paper |",
+        "|---|---|---|" + "---|" * (len(STATISTICS) + 1),
     ]
-
-
-def _dora_table(summary: dict) -> list[str] | None:
-    """``{method: {matrix: {statistic: {"mean", "std"}, ...}}}`` as one table; None for another
-    shape."""
-    rows = []
-    for method, by_matrix in summary.items():
-        if not isinstance(by_matrix, dict):
-            return None
+    # the summary is the summary of the record's points (minigpt.course.records checked it)
+    for method, by_matrix in record["summary"].items():
         for matrix, entry in by_matrix.items():
-            if not isinstance(entry, dict):
-                return None
-            rows.append((method, matrix, entry))
-    stats = list(
-        dict.fromkeys(
-            key
-            for *_, entry in rows
-            for key, value in entry.items()
-            if isinstance(value, dict) and "mean" in value and "std" in value
-        )
-    )
-    if not rows or not stats:
-        return None
-    lines = [
-        "| method | matrix | seeds | " + " | ".join(stats) + " | paper |",
-        "|---|---|---|" + "---|" * (len(stats) + 1),
-    ]
-    for method, matrix, entry in rows:
-        seeds = entry.get("seeds")
-        cells = [
-            _pm((e["mean"], e["std"] or 0.0))
-            if isinstance(e, dict) and e.get("mean") is not None
-            else DASH
-            for e in (entry.get(key) for key in stats)
-        ]
-        lines.append(
-            f"| {method} | {matrix} | {len(seeds) if isinstance(seeds, list) else _scalar(seeds)} "
-            f"| {' | '.join(cells)} | {_scalar(entry.get('paper'))} |"
-        )
+            cells = [_pm(_spread(entry[key])) for key in STATISTICS]
+            paper = DASH if entry["paper"] is None else f"{entry['paper']:g}"
+            lines.append(
+                f"| {_cell(method)} | {_cell(matrix)} | {len(entry['seeds'])} | "
+                f"{' | '.join(cells)} | {paper} |"
+            )
     return lines
+
+
+def _spread(stat: dict) -> tuple[float, float | None] | None:
+    """A summary statistic's ``(mean, std)``; no std when fewer than two seeds define it."""
+    if stat["mean"] is None:
+        return None
+    defined = [v for v in stat["per_seed"] if v is not None]
+    return stat["mean"], stat["std"] if len(defined) > 1 else None
 
 
 def _bench(record: dict) -> list[str]:
@@ -636,7 +333,7 @@ def _bench(record: dict) -> list[str]:
     for name, row in train.items():
         memory = row["memory"]["total"]
         lines.append(
-            f"| {name} | {1000 * row['median_s']:.1f} | {row['tokens_per_s']:,.0f} | "
+            f"| {_cell(name)} | {1000 * row['median_s']:.1f} | {row['tokens_per_s']:,.0f} | "
             f"{row['median_s'] / full['median_s']:.2f} | {memory / 2**20:.2f} | "
             f"{memory / full['memory']['total']:.2f} |"
         )
@@ -647,7 +344,7 @@ def _bench(record: dict) -> list[str]:
     ]
     for name, row in infer.items():
         lines.append(
-            f"| {name} | {1000 * row['median_s']:.2f} | {row['tokens_per_s']:,.0f} | "
+            f"| {_cell(name)} | {1000 * row['median_s']:.2f} | {row['tokens_per_s']:,.0f} | "
             f"{row['median_s'] / infer['base']['median_s']:.3f} |"
         )
     return lines
@@ -655,8 +352,6 @@ def _bench(record: dict) -> list[str]:
 
 def _course(record: dict) -> list[str]:
     chapters = record["chapters"]
-    if not isinstance(chapters, list) or not chapters:
-        raise KeyError("'chapters' must be a non-empty list")
     start = "an empty cache" if record.get("cache_was_empty") else "a cache already filled"
     mode = (
         "in smoke mode (tiny sizes and few steps: a check of the machinery, not the course's times)"
@@ -672,7 +367,9 @@ def _course(record: dict) -> list[str]:
         "",
         machine_line(record),
         "",
-        f"The chapters ran {mode}, from {start}; the whole course took {_minutes(total)}.",
+        f"{'All' if record.get('every_chapter') else 'These'} {_plural(len(chapters), 'chapter')} "
+        f"ran {mode}, from {start}, in {_minutes(total)}"
+        + ("; that is the whole course." if record.get("every_chapter") else "."),
         "",
         "| chapter | " + " | ".join(str(c["chapter"]) for c in chapters) + " | total |",
         "|---|" + "---|" * (len(chapters) + 1),
@@ -693,7 +390,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[dict], list[str]]], ...] = (
 INTRO = [
     "# Measured results",
     "",
-    "This page is generated by `python -m minigpt results` from the records in `docs/records/` "
+    "This page is generated by `python -m minigpt results` from the records in `{records}` "
     "and must not be edited by hand.",
     "",
     "Each table names the machine, the date and the command of the run behind it. Another machine "
@@ -725,32 +422,44 @@ OUTRO = [
 ]
 
 
+def _folder_name(folder: Path) -> str:
+    """``folder`` as the page names it: relative to the checkout, else to the current folder, else
+    its name alone (the page names no machine's folders)."""
+    for root in (CHECKOUT, Path.cwd()):
+        try:
+            return (
+                f"{Path(os.path.realpath(folder)).relative_to(os.path.realpath(root)).as_posix()}/"
+            )
+        except ValueError:
+            continue
+    return f"{Path(os.path.realpath(folder)).name}/"
+
+
 def render(records_dir: Path | str) -> str:
-    """The whole page from the records in ``records_dir`` (see the module docstring)."""
+    """The whole page from the records in ``records_dir`` (see the module docstring); a folder
+    without any record is refused, so that no page is written from nothing."""
     records_dir = Path(records_dir)
     if not records_dir.is_dir():
         raise UserError(f"records folder {_shown(records_dir)} does not exist or is not a folder")
-    lines = list(INTRO)
+    records = {kind: load_record(records_dir / f"{kind}.json", kind) for kind, *_ in SECTIONS}
+    if not any(records.values()):
+        raise UserError(
+            f"records folder {_shown(records_dir)} holds no record ({', '.join(PRODUCERS)}.json): "
+            f"write one first, e.g. with {PRODUCERS['bench']}"
+        )
+    lines = [line.format(records=_folder_name(records_dir)) for line in INTRO]
     for kind, title, section in SECTIONS:
         lines += ["", f"## {title}", ""]
-        path = records_dir / f"{kind}.json"
-        record = load_record(path, kind)
-        if record is None:
+        if records[kind] is None:
             lines.append(f"No record yet: `{PRODUCERS[kind]}` writes it.")
             continue
         try:
-            lines += section(record)
-        except (
-            KeyError,
-            IndexError,
-            TypeError,
-            ValueError,
-            AttributeError,
-            ZeroDivisionError,
-        ) as err:
-            reason = err.args[0] if isinstance(err, KeyError) and err.args else err
-            what = reason if isinstance(reason, str) and " " in reason else f"entry {reason!r}"
-            raise _damaged(path, kind, f"{type(err).__name__}: {what}") from None
+            lines += section(records[kind])
+        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as err:
+            # a bug or a value the records' checks let through: still one line naming the file
+            raise _damaged(
+                records_dir / f"{kind}.json", kind, f"{type(err).__name__}: {err}"
+            ) from None
     lines += ["", *OUTRO]
     return "\n".join(lines) + "\n"
 
@@ -790,9 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out) if args.out is not None else RESULTS_PAGE
+    records = args.records if args.records is not None else RECORDS_DIR
+    real = Path(os.path.realpath(out))
+    if Path(os.path.realpath(records)) in (real, *real.parents):
+        raise UserError(
+            f"--out {_shown(out)} is inside the records folder {_shown(records)}: the page would "
+            "replace a record or sit among them; write it elsewhere"
+        )
     if not args.check:
         check_writable_file(out, "--out")
-    page = render(args.records if args.records is not None else RECORDS_DIR)
+    elif out.exists() and not out.is_file():
+        raise UserError(f"--out {_shown(out)} is a folder or a special file, not the page to check")
+    page = render(records)
     if args.check:
         current = out.read_bytes() if out.is_file() else None
         if current != page.encode("utf-8"):

@@ -55,12 +55,8 @@ class FinetuneData:
 
 
 # The mix: 40,000 task examples (about 360 K tokens) and 30 % of the fine-tuning documentation
-# (about 50 K
-# tokens). Measured while designing it: with the whole documentation share the task got too few
-# steps to be
-# learnt in 400 steps (the lab's length then); with no documentation at all, fine-tuning destroyed
-# the
-# documentation loss too.
+# (about 50 K tokens). With the whole documentation share the task got too few steps to be learnt;
+# with no documentation at all, fine-tuning damaged the documentation loss too.
 TASK_EXAMPLES = 40_000
 
 

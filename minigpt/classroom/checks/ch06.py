@@ -446,6 +446,6 @@ def exercise_5_decide_tells_a_gap_from_none(nb):
         nb.exercise_5_decide, (([0.92, 0.93, 0.90], rank32), ([0.10, 0.14, 0.12], rank32))
     )
     assert level != behind, (
-        "exercise_5_decide gives the same verdict when rank 4 matches rank 32 and when it falls "
+        "exercise_5_decide gives the same verdict when rank 2 matches rank 32 and when it falls "
         f"far behind ({level!r}): the rule cannot decide the question"
     )
