@@ -24,10 +24,12 @@ from minigpt.analysis import (
 )
 from minigpt.dora import replace_linear_with_dora
 from minigpt.lab.dora_analysis import (
+    MAX_SEEDS,
     POINT_KEYS,
     detrended_correlation,
     format_summary,
     paper_correlation,
+    record_points,
     summarize_points,
     verdict,
 )
@@ -309,6 +311,8 @@ def test_the_verdict_rule_both_ways():
     "argv, words",
     [
         (["--seeds", "0"], "seeds"),
+        (["--seeds", "1000000000"], "seeds"),
+        (["--seeds", str(MAX_SEEDS + 1)], str(MAX_SEEDS)),
         (["--methods", "full,nope"], "methods"),
         (["--json", "FILE/inside/out.json"], "--json"),
     ],
@@ -329,6 +333,50 @@ def test_bad_arguments_exit_2_with_one_line_before_any_work(argv, words, tmp_pat
     lines = err.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], err.stderr
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))  # nothing was trained
+
+
+def test_seeds_are_bounded_in_the_function_too():
+    from minigpt.lab.dora_analysis import run_dora_analysis
+
+    with pytest.raises(ValueError, match="seeds"):
+        run_dora_analysis(seeds=MAX_SEEDS + 1, lab=object())  # refused before the lab is used
+
+
+def test_the_record_holds_clean_points_whose_summary_recomputes(tmp_path, monkeypatch, capsys):
+    """NaN or infinite measurements are dropped from the written points and from the summary
+    alike, the record is dated in UTC by the helper every record uses, states whether it was a
+    smoke run, and the results page reads it back (its summary recomputes from its points)."""
+    import datetime
+
+    import minigpt.lab.dora_analysis as dora_analysis
+    from minigpt.course.records import load_record
+
+    points = synthetic_points("full") + synthetic_points("lora", noise=0.05)
+    points[0] = dict(points[0], dM=math.nan)  # dropped by summarize_points too
+    points[1] = dict(points[1], radial=math.inf)  # would be null in the file
+    points[2] = dict(points[2], head_dD=[0.1, math.nan, 0.1, 0.1])
+    points[40] = dict(points[40], row_corr=math.nan)  # kept: a null row_corr is skipped
+    result = {
+        "settings": {"seeds": 3, "smoke": True},
+        "lrs": {"full": 1e-3, "lora": 1e-3},
+        "points": points,
+        "summary": None,  # the command summarises the points it writes
+    }
+    monkeypatch.setattr(dora_analysis, "run_dora_analysis", lambda *a, **k: result)
+    out = tmp_path / "records" / "dora_analysis.json"
+    code = cli_main(["dora-analysis", "--seeds", "3", "--json", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    text = out.read_text(encoding="utf-8")
+    assert "NaN" not in text and "Infinity" not in text
+    document = json.loads(text)
+    assert len(document["points"]) == len(points) - 3
+    assert document["points"] == record_points(points)
+    assert document["summary"] == json.loads(json.dumps(summarize_points(document["points"])))
+    assert document["smoke"] is True and document["machine"]["cores"]
+    assert document["date"] == datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert str(tmp_path) not in document["command"]
+    assert format_summary(document["summary"]) in capsys.readouterr().out
+    assert load_record(out, "dora_analysis")["summary"] == document["summary"]
 
 
 def test_the_command_is_registered(capsys):
@@ -353,7 +401,7 @@ def test_cli_smoke_writes_every_point_and_the_summary_recomputes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     document = json.loads(out.read_text())
-    assert document["kind"] == "dora_analysis"
+    assert document["kind"] == "dora_analysis" and document["smoke"] is True
     assert {"date", "command", "settings", "lrs", "points", "summary"} <= set(document)
     assert str(tmp_path) not in document["command"]
     settings = document["settings"]

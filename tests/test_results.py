@@ -6,16 +6,20 @@ records."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 import minigpt.lab.pretrained as pretrained
 from minigpt.__main__ import main
 from minigpt.course.results import PRODUCERS, RECORDS_DIR, RESULTS_PAGE, render
-from minigpt.device import command_line, machine_description, run_record
+from minigpt.device import command_line, machine_description, plain_json, run_record
+from minigpt.lab.dora_analysis import summarize_points
 
 MACHINE = {
     "cpu": "Example CPU 9000",
@@ -38,7 +42,13 @@ def run_cli(capsys, *argv):
 
 
 def header(kind: str, command: str) -> dict:
-    return {"kind": kind, "machine": MACHINE, "date": "2026-12-01", "command": command}
+    return {
+        "kind": kind,
+        "machine": dict(MACHINE),
+        "date": "2026-12-01",
+        "command": command,
+        "smoke": False,
+    }
 
 
 def pretraining_record() -> dict:
@@ -188,19 +198,49 @@ def course_record() -> dict:
     }
 
 
-def dora_record() -> dict:
-    def entry(corr: float, paper: float) -> dict:
-        spread = {"per_seed": [corr, corr], "mean": corr, "std": 0.01}
-        return {"seeds": [0, 1], "steps": [50, 100], "paper": paper, "corr": spread}
+def dora_points() -> list[dict]:
+    """Points of two methods, two matrices, two seeds (the value matrix of LoRA: seed 0 only)."""
+    rng = np.random.default_rng(0)
+    points = []
+    for method, matrix, seeds in (
+        ("full", "query", 2),
+        ("full", "value", 2),
+        ("lora", "query", 2),
+        ("lora", "value", 1),
+    ):
+        for seed in range(seeds):
+            for layer in range(2):
+                for step in (50, 100):
+                    head_dm, head_dd = rng.uniform(0.01, 0.1, 2), rng.uniform(0.001, 0.01, 2)
+                    points.append(
+                        {
+                            "method": method,
+                            "seed": seed,
+                            "lr": 0.003,
+                            "matrix": matrix,
+                            "layer": layer,
+                            "step": step,
+                            "dM": float(head_dm.mean()),
+                            "dD": float(head_dd.mean()),
+                            "radial": float(rng.uniform(0.1, 0.3)),
+                            "radial_change": float(rng.uniform(-0.01, 0.01)),
+                            "row_norm": float(rng.uniform(0.5, 1.5)),
+                            "in_features": 32,
+                            "head_dM": [float(v) for v in head_dm],
+                            "head_dD": [float(v) for v in head_dd],
+                            "row_corr": float(rng.uniform(-1, 1)),
+                        }
+                    )
+    return points
 
+
+def dora_record() -> dict:
+    points = dora_points()
     return {
         **header("dora_analysis", "python -m minigpt dora-analysis --json dora_analysis.json"),
         "settings": {"seeds": 2},
-        "points": [],
-        "summary": {
-            "full": {"query": entry(0.55, -0.62)},
-            "lora": {"query": entry(0.97, 0.83), "value": {"seeds": [0], "corr": None}},
-        },
+        "points": points,
+        "summary": plain_json(summarize_points(points)),
     }
 
 
@@ -255,10 +295,15 @@ def test_every_section_comes_from_its_record_with_machine_and_date(tmp_path):
     assert table_row(page, "| lora | 0.012 |") == (
         "| lora | 0.012 | 1 | – | – | seed 0 diverged at step 57 |"
     )
-    # dora analysis summary
-    assert "| method | matrix | seeds | corr | paper |" in page
-    assert "| lora | query | 2 | 0.970 ± 0.010 | 0.83 |" in page
-    assert "| lora | value | 1 | – | – |" in page
+    # dora analysis: the summary of the points, the mean alone where one seed gives it
+    assert "| method | matrix | seeds | corr | detrended | null_ratio | radial | growth" in page
+    corr = dora_record()["summary"]["lora"]["query"]["corr"]
+    row = table_row(page, "| lora | query | 2 |")
+    assert row.startswith(f"| lora | query | 2 | {corr['mean']:.3f} ± {corr['std']:.3f} |")
+    assert row.endswith("| 0.83 |")
+    corr = dora_record()["summary"]["lora"]["value"]["corr"]
+    row = table_row(page, "| lora | value | 1 |")
+    assert row.startswith(f"| lora | value | 1 | {corr['mean']:.3f} |") and row.endswith("| – |")
     # bench
     assert table_row(page, "| lora step time / peft-lora") == (
         "| lora step time / peft-lora <= 1 | 0.976 | within the target |"
@@ -278,15 +323,6 @@ def test_a_missing_record_names_the_command_that_writes_it(tmp_path):
         assert f"No record yet: `{PRODUCERS[kind]}` writes it." in page
     assert "No record yet: `python -m minigpt bench" not in page
     assert "| lora step time / peft-lora" in page
-
-
-def test_a_dora_record_without_a_summary_it_can_show_renders_without_a_table(tmp_path):
-    folder = tmp_path / "records"
-    folder.mkdir()
-    for summary in (None, {}, {"correlation": {"full": 0.55}}, {"lora": {"query": {"a": 1}}}):
-        record = {**dora_record(), "summary": summary}
-        (folder / "dora_analysis.json").write_text(json.dumps(record))
-        assert "holds no summary this page can show" in render(folder)
 
 
 def damage(kind: str, how: str) -> str:
@@ -327,6 +363,192 @@ def test_a_damaged_record_is_one_line_naming_the_file(tmp_path, capsys, kind, ho
     assert code == 2 and stdout == "" and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert f"{kind}.json" in err and "damaged" in err and not out.exists()
+
+
+def edit(kind: str, change) -> str:
+    """``kind``'s record after ``change(record)``, as JSON text (NaN and infinity allowed)."""
+    record = RECORDS[kind]()
+    change(record)
+    return json.dumps(record)
+
+
+IMPOSSIBLE = {
+    "nan": ("pretraining", lambda r: r["held_out"].update(nats_per_char=float("nan")), "held_out"),
+    "inf": ("bench", lambda r: r.update(seconds=float("inf")), "seconds"),
+    "1e400": ("course", lambda r: r["chapters"][0].update(seconds="1e400"), "chapters[0].seconds"),
+    "negative seconds": ("course", lambda r: r.update(seconds=-5.0), "seconds"),
+    "accuracy above 1": (
+        "compare",
+        lambda r: r["records"][1].update(task_accuracy=1.5),
+        "records[1].task_accuracy",
+    ),
+    "negative accuracy": (
+        "compare",
+        lambda r: r["records"][0].update(task_accuracy_before=-0.1),
+        "records[0].task_accuracy_before",
+    ),
+    "boolean as a number": ("bench", lambda r: r["settings"].update(repeats=True), "repeats"),
+    "numeric string": ("pretraining", lambda r: r.update(parameters="1321728"), "parameters"),
+    "huge integer": ("pretraining", lambda r: r.update(parameters=10**30), "parameters"),
+    "date not a string": ("course", lambda r: r.update(date=20261201), "date"),
+    "impossible date": ("course", lambda r: r.update(date="2026-13-45"), "date"),
+    "new line in a name": (
+        "bench",
+        lambda r: r["result"]["training"].update(
+            {"x\n## injected": r["result"]["training"]["lora"]}
+        ),
+        "training",
+    ),
+    "new line in the machine": ("compare", lambda r: r["machine"].update(cpu="a\nb"), "cpu"),
+    "smoke missing": ("bench", lambda r: r.pop("smoke"), "smoke"),
+    "zero median": (
+        "bench",
+        lambda r: r["result"]["inference"]["base"].update(median_s=0),
+        "median_s",
+    ),
+    "seeds out of bounds": ("compare", lambda r: r["settings"].update(seeds=10**9), "seeds"),
+}
+
+
+@pytest.mark.parametrize("case", IMPOSSIBLE)
+def test_an_impossible_value_is_refused_naming_the_file_and_the_key(tmp_path, capsys, case):
+    kind, change, key = IMPOSSIBLE[case]
+    folder = write_records(tmp_path / "records")
+    text = edit(kind, change).replace('"1e400"', "1e400")  # a number JSON reads as infinity
+    (folder / f"{kind}.json").write_text(text, encoding="utf-8")
+    out = tmp_path / "results.md"
+    code, stdout, err = run_cli(capsys, "results", "--records", folder, "--out", out)
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{kind}.json is a damaged" in err and key in err and not out.exists()
+
+
+INCONSISTENT = {
+    "a run twice": ("compare", lambda r: r["records"].append(dict(r["records"][1])), "repeats"),
+    "more seeds than the settings": (
+        "compare",
+        lambda r: r["records"].append(compare_run("full", 3, 0.003, 1.0, 5.2)),
+        "seed 3",
+    ),
+    "fewer seeds than the settings": (
+        "compare",
+        lambda r: r["records"].remove(r["records"][3]),
+        "settings.seeds",
+    ),
+    "a chosen rate without runs": ("compare", lambda r: r["chosen"].update(dora=0.003), "chosen"),
+    "an edited summary": (
+        "dora_analysis",
+        lambda r: r["summary"]["full"]["query"]["corr"].update(mean=-0.62),
+        "summary",
+    ),
+    "an edited point": ("dora_analysis", lambda r: r["points"][0].update(dM=9.0), "summary"),
+    "no points": ("dora_analysis", lambda r: r.update(points=[]), "points"),
+    "no summary": ("dora_analysis", lambda r: r.pop("summary"), "summary"),
+    "a point of a seed beyond the settings": (
+        "dora_analysis",
+        lambda r: r["settings"].update(seeds=1),
+        "seed 1",
+    ),
+    "a chapter twice": ("course", lambda r: r["chapters"].append(r["chapters"][0]), "twice"),
+}
+
+
+@pytest.mark.parametrize("case", INCONSISTENT)
+def test_a_record_that_contradicts_itself_is_refused(tmp_path, capsys, case):
+    kind, change, words = INCONSISTENT[case]
+    folder = write_records(tmp_path / "records")
+    (folder / f"{kind}.json").write_text(edit(kind, change), encoding="utf-8")
+    code, _, err = run_cli(capsys, "results", "--records", folder, "--out", tmp_path / "r.md")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{kind}.json is a damaged" in err and words in err
+
+
+def test_a_vertical_bar_in_a_name_is_escaped_in_the_tables(tmp_path):
+    folder = write_records(tmp_path / "records")
+    record = compare_record()
+    for row in record["records"]:
+        row["method"] = row["method"].replace("lora", "lo|ra")
+    record["chosen"] = {"lo|ra": 0.006, "full": 0.003}
+    (folder / "compare.json").write_text(json.dumps(record))
+    page = render(folder)
+    assert "| lo\\|ra | 0.006 | 3 |" in page and "| lo|ra |" not in page
+
+
+def test_no_records_no_page(tmp_path, capsys):
+    out = tmp_path / "results.md"
+    out.write_text("the page as it was\n")
+    empty = tmp_path / "records"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a record")
+    code, _, err = run_cli(capsys, "results", "--records", empty, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "holds no record" in err
+    assert out.read_text() == "the page as it was\n"
+
+
+@pytest.mark.parametrize("how", ["dangling", "loop", "folder", "fifo"])
+def test_a_record_that_is_not_a_regular_file_is_damaged_not_absent(tmp_path, capsys, how):
+    folder = write_records(tmp_path / "records")
+    path = folder / "course.json"
+    path.unlink()
+    if how == "dangling":
+        path.symlink_to(tmp_path / "nowhere.json")
+    elif how == "loop":
+        path.symlink_to(path)
+    elif how == "folder":
+        path.mkdir()
+    else:  # a FIFO must not block the read: in a process of its own, with a time limit
+        os.mkfifo(path)
+        result = subprocess.run(
+            [sys.executable, "-m", "minigpt", "results", "--records", str(folder), "--check"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and "course.json is a damaged" in result.stderr
+        return
+    code, _, err = run_cli(capsys, "results", "--records", folder, "--out", tmp_path / "r.md")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "course.json is a damaged" in err
+
+
+def test_the_page_states_only_what_its_records_hold(tmp_path):
+    folder = write_records(tmp_path / "my-records")
+    page = render(folder)
+    # the folder actually read, named without the machine's folders
+    assert "from the records in `my-records/`" in page and str(tmp_path) not in page
+    assert "the course's pretraining recipe (`minigpt.lab.pretrained.TINY`)" in page
+    assert "smoke run" not in page
+    # a course record of some chapters does not speak of the whole course
+    assert "whole course" not in page and "These 2 chapters ran with default settings" in page
+    record = course_record()
+    record["every_chapter"] = True
+    (folder / "course.json").write_text(json.dumps(record))
+    assert "All 2 chapters ran" in render(folder) and "the whole course" in render(folder)
+    # one seed: "1 seed", and a mean without a spread it does not have
+    record = compare_record()
+    record["settings"]["seeds"] = 1
+    record["records"] = [r for r in record["records"] if r["seed"] == 0]
+    (folder / "compare.json").write_text(json.dumps(record))
+    page = render(folder)
+    assert "1 seed," in page and "1 seeds" not in page and "± 0.000" not in page
+    assert table_row(page, "| lora | 0.006 | 1 | 294,912").startswith(
+        "| lora | 0.006 | 1 | 294,912 | 96.0 % | 3.000 | 5.000 | 0.400 |"
+    )
+    # smoke records say so, and a pretraining record names the recipe it holds
+    for kind in ("pretraining", "bench"):
+        record = RECORDS[kind]()
+        record["smoke"] = True
+        if kind == "pretraining":
+            record["recipe"].update(preset="micro", steps=30, batch_size=8, lr=0.003)
+        (folder / f"{kind}.json").write_text(json.dumps(record))
+    page = render(folder)
+    assert page.count("A smoke run (tiny sizes, few steps)") == 2
+    assert "the smoke recipe (`minigpt.lab.pretrained.SMOKE`)" in page
+    record = pretraining_record()
+    record["recipe"]["steps"] = 12
+    (folder / "pretraining.json").write_text(json.dumps(record))
+    page = render(folder)
+    assert "a recipe other than the course's (`minigpt.lab.pretrained.TINY`)" in page
+    assert "the course's pretraining recipe" not in page
 
 
 def test_check_passes_on_a_fresh_page_and_fails_on_a_changed_or_missing_one(tmp_path, capsys):

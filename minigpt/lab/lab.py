@@ -17,12 +17,11 @@ import torch.nn as nn
 from safetensors.torch import load as load_safetensors
 
 from minigpt._validate import UserError, check_float, check_int
-from minigpt.device import plain_json, run_record
+from minigpt.device import check_record_destination, plain_json, run_record, write_run_record
 from minigpt.io import (
     DIGEST_KEY,
     atomic_write_bytes,
     cache_dir,
-    check_writable_file,
     writable_cache_dir,
 )
 from minigpt.lab.pool import LabPool, lab_workers
@@ -475,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json is not None:  # before the runs: a bad destination must not cost them
         try:
-            check_writable_file(args.json, "--json")
+            check_record_destination(args.json, "--json", "compare")
         except UserError as err:
             parser.error(str(err))
     from minigpt import smoke_mode
@@ -516,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                 "records": plain_json(records),
             },
         )
-        atomic_write_bytes(args.json, json.dumps(document, indent=1).encode())
+        write_run_record(args.json, document)
         print(f"records: {args.json}")
     return 0
 
