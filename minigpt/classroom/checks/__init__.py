@@ -122,6 +122,19 @@ def fetched(value):
     return side.operate(hid, "get")
 
 
+def one_line_verdicts(decide, cases) -> list[str]:
+    """An experiment exercise's decision rule called on each tuple of arguments in ``cases``; each
+    verdict must be a one-line str (the notebook prints it after ``Verdict:``)."""
+    verdicts = []
+    for args in cases:
+        verdict = fetched(decide(*args))
+        assert isinstance(verdict, str) and verdict.strip() and "\n" not in verdict.strip(), (
+            f"the decision rule must return a one-line verdict (a str), got {verdict!r}"
+        )
+        verdicts.append(verdict)
+    return verdicts
+
+
 # Helpers for `inside`: they run beside the notebook's objects and return what they observed.
 
 

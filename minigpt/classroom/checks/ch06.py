@@ -21,6 +21,7 @@ from minigpt.classroom.checks import (
     fetched,
     held,
     inside,
+    one_line_verdicts,
     seeded,
     square_sum_backward,
 )
@@ -425,24 +426,12 @@ def exercise_4_alpha_from_raschka_gives_same_output(nb):
             )
 
 
-def _verdicts(decide, cases) -> list[str]:
-    """The notebook's decision rule on each case of arguments; each verdict must be one line."""
-    verdicts = []
-    for args in cases:
-        verdict = fetched(decide(*args))
-        assert isinstance(verdict, str) and verdict.strip() and "\n" not in verdict.strip(), (
-            f"the decision rule must return a one-line verdict (a str), got {verdict!r}"
-        )
-        verdicts.append(verdict)
-    return verdicts
-
-
 @check(points=1)
 def exercise_5_decide_tells_a_gap_from_none(nb):
     """Exercise 5: the decision rule returns a one-line verdict, not the same one for a clear gap
     and for none."""
     rank32 = [0.91, 0.94, 0.92]
-    level, behind = _verdicts(
+    level, behind = one_line_verdicts(
         nb.exercise_5_decide, (([0.92, 0.93, 0.90], rank32), ([0.10, 0.14, 0.12], rank32))
     )
     assert level != behind, (

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from minigpt.classroom.checks import check, fetched
+from minigpt.classroom.checks import check, one_line_verdicts
 from minigpt.lora import LoRALayer
 
 ALPHAS_AND_RANKS = ((16.0, 1), (16.0, 4), (8.0, 16), (32.5, 64), (1.0, 128), (16, 256))
@@ -207,25 +207,13 @@ def exercise_3_one_step_output_matches_sgd(nb):
         )
 
 
-def _verdicts(decide, cases) -> list[str]:
-    """The notebook's decision rule on each case of arguments; each verdict must be one line."""
-    verdicts = []
-    for args in cases:
-        verdict = fetched(decide(*args))
-        assert isinstance(verdict, str) and verdict.strip() and "\n" not in verdict.strip(), (
-            f"the decision rule must return a one-line verdict (a str), got {verdict!r}"
-        )
-        verdicts.append(verdict)
-    return verdicts
-
-
 @check(points=1)
 def exercise_4_decide_tells_the_outcomes_apart(nb):
     """Exercise 4: the decision rule returns a one-line verdict, tells the hypothesis's outcome
     from the opposite one, and takes math.inf for a diverged run."""
     stays, drops = [1.44, 1.46, 1.43], [1.94, 1.97, 1.95]
     moves = ([2.70, 2.72, 2.69], drops)  # the next rate up helps, far beyond the spread
-    holds, fails, diverged = _verdicts(
+    holds, fails, diverged = one_line_verdicts(
         nb.exercise_4_decide,
         (
             (moves, (stays, [1.45, 1.44, 1.46])),

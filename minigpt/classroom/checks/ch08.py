@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from minigpt.classroom.checks import check, fetched
+from minigpt.classroom.checks import check, one_line_verdicts
 from minigpt.pissa import LinearWithPiSSA, pissa_init, pissa_to_lora_weights
 from minigpt.quant import quantization_error
 
@@ -240,24 +240,12 @@ def exercise_4_qpissa_error_ratio_matches_quant(nb):
         )
 
 
-def _verdicts(decide, cases) -> list[str]:
-    """The notebook's decision rule on each case of arguments; each verdict must be one line."""
-    verdicts = []
-    for args in cases:
-        verdict = fetched(decide(*args))
-        assert isinstance(verdict, str) and verdict.strip() and "\n" not in verdict.strip(), (
-            f"the decision rule must return a one-line verdict (a str), got {verdict!r}"
-        )
-        verdicts.append(verdict)
-    return verdicts
-
-
 @check(points=1)
 def exercise_5_decide_tells_a_lead_from_none(nb):
     """Exercise 5: the decision rule returns a one-line verdict, not the same one for a clear lead
     and for none."""
     lora = [4.30, 4.31, 4.29]
-    lead, level = _verdicts(
+    lead, level = one_line_verdicts(
         nb.exercise_5_decide, (([4.10, 4.12, 4.11], lora), ([4.30, 4.28, 4.31], lora))
     )
     assert lead != level, (

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.classroom.checks import check, fetched, inside
+from minigpt.classroom.checks import check, inside, one_line_verdicts
 
 # (in_features, out_features, rank): wide, tall and square layers.
 SHAPES = ((12, 7, 3), (5, 16, 2), (9, 9, 4))
@@ -375,24 +375,12 @@ def exercise_3_unmerge(nb):
         torch.testing.assert_close(got, W0, msg="W0 = W' * (norm / m) per row - ΔW")
 
 
-def _verdicts(decide, cases) -> list[str]:
-    """The notebook's decision rule on each case of arguments; each verdict must be one line."""
-    verdicts = []
-    for args in cases:
-        verdict = fetched(decide(*args))
-        assert isinstance(verdict, str) and verdict.strip() and "\n" not in verdict.strip(), (
-            f"the decision rule must return a one-line verdict (a str), got {verdict!r}"
-        )
-        verdicts.append(verdict)
-    return verdicts
-
-
 @check(points=1)
 def exercise_5_decide_tells_a_cost_from_none(nb):
     """Exercise 5: the decision rule returns a one-line verdict, not the same one for a clear cost
     and for none."""
     in_graph = [1.51, 1.50, 1.52]
-    free, costly = _verdicts(
+    free, costly = one_line_verdicts(
         nb.exercise_5_decide, (([1.50, 1.52, 1.51], in_graph), ([2.00, 2.02, 2.01], in_graph))
     )
     assert free != costly, (
