@@ -31,3 +31,15 @@ def peft_twin():
     """``peft_twin(base, ours, **LoraConfig kwargs)``: PEFT's model holding our adapters'
     numbers."""
     return toy_models.peft_twin
+
+
+def run_cli(capsys, *argv):
+    """``python -m minigpt ARGV`` in this process: (exit code, stdout, stderr)."""
+    from minigpt.__main__ import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

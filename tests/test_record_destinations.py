@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 import minigpt.course.execute
 import minigpt.lab.bench
@@ -18,19 +19,9 @@ import minigpt.lab.dora_analysis
 import minigpt.lab.lab
 import minigpt.lab.pretrained as pretrained
 from minigpt import io
-from minigpt.__main__ import main
 from minigpt.device import check_record_destination, command_line
 
 RECORD = {"kind": "bench", "machine": {}, "date": "2026-12-01", "command": "python -m minigpt"}
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def fifo(folder: Path, name: str = "target.json") -> Path:

@@ -14,9 +14,9 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+from conftest import run_cli
 
 import minigpt.lab.pretrained as pretrained
-from minigpt.__main__ import main
 from minigpt.course.results import PRODUCERS, RECORDS_DIR, RESULTS_PAGE, render
 from minigpt.device import command_line, machine_description, plain_json, run_record
 from minigpt.lab.dora_analysis import summarize_points
@@ -30,15 +30,6 @@ MACHINE = {
     "python": "3.11.7",
     "system": "Linux",
 }
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def header(kind: str, command: str) -> dict:
