@@ -427,6 +427,18 @@ def test_curve_points_do_not_change_the_run(cache, records):
         RunSpec("lora", 3e-3, curve_every=-1)
 
 
+def test_default_curve_has_two_run_lengths_and_four_weight_checkpoints(cache, records):
+    """By default a run is evaluated at half its length and at the end (the fronts' two run
+    lengths), while DoRA's weight changes are taken at each quarter (the paper's four
+    checkpoints)."""
+    lab = Lab(smoke=True, cache=False)
+    spec = RunSpec("dora", 3e-3, 0, steps=8, batch_size=4)
+    assert spec.curve_every == 4
+    _, record = finetune(lab.base, spec, lab.data, lab.eval_batches, start=lab.start())
+    assert [p["step"] for p in record["curve"]] == [0, 4, 8]
+    assert sorted({p["step"] for p in record["weight_changes"]}) == [2, 4, 6, 8]
+
+
 def _run(lr, seed, points, before=4.0):
     """A record with a hand-made curve: ``points`` = [(step, task accuracy, Shakespeare loss)]."""
     curve = [{"step": 0, "val_accuracy": 0.0, "task_accuracy": 0.0, "shakespeare_loss": before}]

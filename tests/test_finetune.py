@@ -76,3 +76,43 @@ def test_answer_takes_the_head_at_the_last_position_only_with_the_same_answers()
             for m in (model, Wrapped(model))
         ]
         assert torch.equal(*outs)
+
+
+class Scripted(torch.nn.Module):
+    """A fake model whose rows end their line at different steps (or never): counts its calls."""
+
+    def __init__(self, stops: dict[int, int]):
+        super().__init__()
+        self.cfg = GPTConfig(vocab_size=4096, context_length=64, n_layer=1, n_head=1, n_embd=8)
+        self.stops, self.calls = stops, 0  # second prompt token -> newline after so many tokens
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.vocab = get_compact_vocab()
+        self.start = None
+
+    def forward(self, idx):
+        self.calls += 1
+        self.start = self.start or idx.shape[1]
+        logits = torch.zeros(*idx.shape, 4096)
+        for row, first in enumerate(idx[:, 1].tolist()):
+            generated = idx.shape[1] - self.start
+            stop = self.stops.get(first)
+            text = "\n\n" if generated == stop else " lord"
+            logits[row, :, self.vocab.encode(text)[0]] = 1.0
+        return logits
+
+
+def test_answer_stops_once_every_row_has_ended_its_line_with_the_same_answers():
+    vocab = get_compact_vocab()
+    prompts = ["Turn a b c:", "Turn to be or:"]  # one batch: prompts of the same length
+    encoded = [vocab.encode(p) for p in prompts]
+    assert len(encoded[0]) == len(encoded[1])
+    firsts = [ids[1] for ids in encoded]
+    assert firsts[0] != firsts[1]
+    # one row ends after 1 token (with the two-newline token), the other after 3: 4 calls, not 6
+    model = Scripted({firsts[0]: 1, firsts[1]: 3})
+    assert answer(model, prompts, max_new_tokens=6) == [" lord", " lord lord lord"]
+    assert model.calls == 4
+    # a row that never ends its line keeps the whole budget
+    model = Scripted({firsts[0]: 1})
+    assert answer(model, prompts, max_new_tokens=6) == [" lord", " lord" * 6]
+    assert model.calls == 6

@@ -104,6 +104,11 @@ DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 
 
+# A run with a curve records DoRA's weight changes at each quarter of the run (Liu et al., 2024, §3.2,
+# four checkpoints); they cost milliseconds, so they are taken between the curve's points too.
+WEIGHT_CHECKPOINTS = 4
+
+
 # Forgetting and domain loss on the first 16 batches of 32 rows (16,384 tokens) of each held-out
 # text, at the end and at every checkpoint of the curve. Every run is measured on the same batches,
 # so differences between runs are paired.
@@ -113,7 +118,7 @@ EVAL_BATCHES = 16
 WEIGHT_DECAY = 0.0
 
 
-LAB_VERSION = 8  # part of every cache key: raise it when what a run measures changes
+LAB_VERSION = 9  # part of every cache key: raise it when what a run measures changes
 
 
 # The lab trains in the precision train() picks ("auto": bf16 autocast on CPUs with native bf16 and
@@ -161,9 +166,9 @@ class RunSpec:
     alpha: float = DEFAULT_ALPHA
     steps: int = DEFAULT_STEPS
     batch_size: int = BATCH_SIZE
-    # Evaluate task accuracy and forgetting every this many steps (None: steps // 4; 0: at the start
-    # and the end only, for runs whose curve no chapter plots: each point costs about a third of a
-    # second).
+    # Evaluate task accuracy and forgetting every this many steps (None: steps // 2, the two run
+    # lengths the fronts compare; 0: at the start and the end only, for runs whose curve no chapter
+    # plots). Each point costs about a second, a tenth of a run's training.
     curve_every: int | None = None
     # module names to adapt (None: every linear layer of the blocks)
     targets: tuple[str, ...] | None = None
@@ -180,7 +185,7 @@ class RunSpec:
         if self.curve_every is not None:
             check_int("curve_every", self.curve_every, 0)
         else:
-            object.__setattr__(self, "curve_every", max(1, self.steps // 4))
+            object.__setattr__(self, "curve_every", max(1, self.steps // 2))
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
 
@@ -260,10 +265,10 @@ def finetune(
     ``start`` is the curve's first point, ``curve_point(base, data, eval_batches)``: the same for
     every run on one base, so the lab computes it once. The copy trains on ``device`` (None:
     ``base``'s device), in the precision :data:`LAB_PRECISION` resolves to there, and is returned
-    there; ``base`` itself does not move. ``on_checkpoint(step, model)`` is called at every point
-    of the curve after the start (the end included), for analyses that need the weights there.
-    At the same points the record's ``weight_changes`` collects DoRA's magnitude and direction
-    changes of the query and value weights
+    there; ``base`` itself does not move. ``on_checkpoint(step, model)`` is called at every weight
+    checkpoint (each quarter of a run with a curve, :data:`WEIGHT_CHECKPOINTS`; the end included),
+    for analyses that need the weights there. At the same points the record's ``weight_changes``
+    collects DoRA's magnitude and direction changes of the query and value weights
     (:func:`~minigpt.analysis.magnitude_direction_points`, Liu et al., 2024, §3.2).
 
     A run whose loss or gradient becomes NaN or inf stops there (:class:`TrainingDiverged`) and is
@@ -280,9 +285,18 @@ def finetune(
     curve: list[dict] = []
     weight_changes: list[dict] = []
 
+    # the callback comes at every weight checkpoint; the curve's points are at multiples of
+    # curve_every among them
+    interval = (
+        math.gcd(spec.curve_every, max(1, spec.steps // WEIGHT_CHECKPOINTS))
+        if spec.curve_every
+        else spec.steps
+    )
+
     def checkpoint(step: int, current: nn.Module) -> None:
         if step < spec.steps:
-            curve.append(curve_point(current, data, eval_batches, step))
+            if step % spec.curve_every == 0:
+                curve.append(curve_point(current, data, eval_batches, step))
             weight_changes.extend(magnitude_direction_points(base, current, step))
             if on_checkpoint is not None:
                 on_checkpoint(step, current)
@@ -296,7 +310,7 @@ def finetune(
         seed=spec.seed,
         device=str(device),
         progress=progress,
-        eval_interval=spec.curve_every or spec.steps,
+        eval_interval=interval,
         precision=LAB_PRECISION,
     )
     diverged_at = None

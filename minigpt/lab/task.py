@@ -118,6 +118,13 @@ def finetune_loaders(data: FinetuneData, context_length: int, batch_size: int, s
     )
 
 
+@functools.lru_cache(maxsize=1)
+def newline_token_ids() -> tuple[int, ...]:
+    """The compact vocabulary's tokens whose text holds a newline."""
+    vocab = get_compact_vocab()
+    return tuple(i for i in range(len(vocab)) if "\n" in vocab.decode([i]))
+
+
 @torch.no_grad()
 def answer(model: torch.nn.Module, prompts: list[str], max_new_tokens: int = 6) -> list[str]:
     """Greedy answers to ``prompts`` (text up to the first newline), batched by prompt length, on
@@ -130,6 +137,8 @@ def answer(model: torch.nn.Module, prompts: list[str], max_new_tokens: int = 6) 
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
+    # an answer ends at its first newline: once every row has one, later tokens cannot change it
+    line_ends = torch.tensor(newline_token_ids(), device=device)
     was_training = model.training
     model.eval()
     for length, rows in by_length.items():
@@ -137,9 +146,14 @@ def answer(model: torch.nn.Module, prompts: list[str], max_new_tokens: int = 6) 
         # checked on the CPU, before any kernel (on a GPU a bad id would be a device-side assert)
         check_token_ids(idx[:, -context:], model.cfg.vocab_size, context)
         idx = idx.to(device)
+        ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits = last_logits(model, idx[:, -context:])
-            idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
+            next_ids = logits.argmax(dim=-1, keepdim=True)
+            idx = torch.cat([idx, next_ids], dim=1)
+            ended |= torch.isin(next_ids[:, 0], line_ends)
+            if bool(ended.all()):
+                break
         for row, ids in zip(rows, idx[:, length:].tolist(), strict=True):
             answers[row] = vocab.decode(ids).split("\n")[0]
     model.train(was_training)
