@@ -104,8 +104,8 @@ DEFAULT_SEEDS = 3
 BATCH_SIZE, SMOKE_BATCH_SIZE = 16, 4
 
 
-# A run with a curve records DoRA's weight changes at each quarter of the run (Liu et al., 2024, §3.2,
-# four checkpoints); they cost milliseconds, so they are taken between the curve's points too.
+# A run with a curve records DoRA's weight changes at each quarter of the run (Liu et al., 2024,
+# §3.2, four checkpoints); they cost milliseconds, so they are taken between the curve's points too.
 WEIGHT_CHECKPOINTS = 4
 
 
