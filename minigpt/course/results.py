@@ -2,7 +2,8 @@
 
 Each measuring command writes a JSON record with ``--json`` (``train``, ``compare``,
 ``dora-analysis``, ``bench``, ``course``): the machine it ran on, the date, the command, whether it
-was a smoke run and every number it measured. :func:`render` turns the records of a folder
+was a smoke run and every number it measured (``course`` twice: ``course.json`` from an empty
+cache, ``course_rerun.json`` right after it, with the cache the first run filled). :func:`render` turns the records of a folder
 (``docs/records/``) into the page, so every number on it comes from a record, each table states its
 machine and date, and a re-run on another machine replaces the numbers without anyone rewriting
 prose. ``python -m minigpt results --check`` fails when the page and the records disagree (CI runs
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from minigpt._validate import UserError
-from minigpt.course.records import PRODUCERS, _damaged, _shown, load_record
+from minigpt.course.records import PRODUCERS, RECORD_KIND, _damaged, _shown, load_record
 
 # The records live in the repository's checkout, next to the chapters (see minigpt.course.chapters).
 CHECKOUT = Path(__file__).resolve().parent.parent.parent
@@ -350,6 +351,16 @@ def _bench(record: dict) -> list[str]:
     return lines
 
 
+def _course_rerun(record: dict) -> list[str]:
+    return [
+        "The same command again, right after the run above, with the cache it filled: the lab's "
+        "runs and the pretrained model are read back, and what each chapter computes in its own "
+        "cells runs again.",
+        "",
+        *_course(record)[2:],
+    ]
+
+
 def _course(record: dict) -> list[str]:
     chapters = record["chapters"]
     start = "an empty cache" if record.get("cache_was_empty") else "a cache already filled"
@@ -385,6 +396,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[dict], list[str]]], ...] = (
     ("dora_analysis", "DoRA's magnitude and direction", _dora_analysis),
     ("bench", "Benchmarks against peft", _bench),
     ("course", "Chapter run times", _course),
+    ("course_rerun", "Chapter run times, a second run", _course_rerun),
 )
 
 INTRO = [
@@ -441,7 +453,17 @@ def render(records_dir: Path | str) -> str:
     records_dir = Path(records_dir)
     if not records_dir.is_dir():
         raise UserError(f"records folder {_shown(records_dir)} does not exist or is not a folder")
-    records = {kind: load_record(records_dir / f"{kind}.json", kind) for kind, *_ in SECTIONS}
+    records = {
+        stem: load_record(records_dir / f"{stem}.json", RECORD_KIND.get(stem, stem))
+        for stem, *_ in SECTIONS
+    }
+    rerun = records.get("course_rerun")
+    if rerun is not None and (rerun.get("cache_was_empty") or rerun["smoke"]):
+        raise _damaged(
+            records_dir / "course_rerun.json",
+            "course_rerun",
+            "a second run must start from the cache a first run filled, with default settings",
+        )
     if not any(records.values()):
         raise UserError(
             f"records folder {_shown(records_dir)} holds no record ({', '.join(PRODUCERS)}.json): "
