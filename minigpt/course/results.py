@@ -2,12 +2,12 @@
 
 Each measuring command writes a JSON record with ``--json`` (``train``, ``compare``,
 ``dora-analysis``, ``bench``, ``course``): the machine it ran on, the date, the command, whether it
-was a smoke run and every number it measured (``course`` twice: ``course.json`` from an empty
-cache, ``course_rerun.json`` right after it, with the cache the first run filled). :func:`render` turns the records of a folder
-(``docs/records/``) into the page, so every number on it comes from a record, each table states its
-machine and date, and a re-run on another machine replaces the numbers without anyone rewriting
-prose. ``python -m minigpt results --check`` fails when the page and the records disagree (CI runs
-it; so does ``tests/test_results.py``).
+was a smoke run and every number it measured (``course`` twice: ``course.json`` from an empty cache,
+``course_rerun.json`` right after it, with the cache the first run filled). :func:`render` turns the
+records of a folder (``docs/records/``) into the page, so every number on it comes from a record,
+each table states its machine and date, and a re-run on another machine replaces the numbers without
+anyone rewriting prose. ``python -m minigpt results --check`` fails when the page and the records
+disagree (CI runs it; so does ``tests/test_results.py``).
 
 A missing record leaves its section saying which command produces it; a folder with no record at
 all is refused; a damaged record (:mod:`minigpt.course.records` checks every value the page
