@@ -458,7 +458,7 @@ def render(records_dir: Path | str) -> str:
         for stem, *_ in SECTIONS
     }
     rerun = records.get("course_rerun")
-    if rerun is not None and (rerun.get("cache_was_empty") or rerun["smoke"]):
+    if rerun is not None and (rerun.get("cache_was_empty") is not False or rerun["smoke"]):
         raise _damaged(
             records_dir / "course_rerun.json",
             "course_rerun",
